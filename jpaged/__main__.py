@@ -1,0 +1,6 @@
+"""`python -m jpaged ...` runs the `jpaged` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

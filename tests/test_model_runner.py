@@ -1,0 +1,46 @@
+"""The step updates the KV pool in place and compiles only for known buckets."""
+from __future__ import annotations
+
+import numpy as np
+
+from jpaged import LLM, SamplingParams
+
+from conftest import build_tiny_hf
+from test_engine import _NoTokenizer
+
+
+def _tiny_llm(tmp_path, **kw):
+    build_tiny_hf("llama", tmp_path, vocab_size=512)
+    args = dict(tokenizer=_NoTokenizer(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64,
+                kv_cache_memory=32 << 20, compilation_cache_dir="")
+    args.update(kw)
+    return LLM(str(tmp_path), **args)
+
+
+def test_step_never_copies_the_pool(tmp_path):
+    llm = _tiny_llm(tmp_path, kv_cache_memory=256 << 20)
+    from jpaged.input_builder import build_sampling
+    from jpaged.scheduler import ScheduledBatch
+    from jpaged.sequence import Request, Sequence
+    seq = Sequence(Request("x", None, [1], SamplingParams(temperature=0.0), 0.0), [1], 1)
+    pool = llm.runner.pool_bytes
+    assert pool > 200 << 20
+    for shape in [(8, 8, 1, 8), (64, 4, 32, 8)]:  # a decode bucket and a prefill bucket
+        sampling, mode = build_sampling(ScheduledBatch([seq], [1], False), shape[1], 512, 20)
+        mem = llm.runner.step_memory_analysis(llm.input_builder.dummy(*shape), sampling, mode)
+        # A copying step needs a pool-sized temporary; an in-place one a few MiB.
+        assert mem.temp_size_in_bytes < pool // 20, (shape, mem.temp_size_in_bytes, pool)
+        assert mem.alias_size_in_bytes >= pool  # and the donated pool is the output
+
+
+def test_no_compilation_after_warmup(tmp_path):
+    llm = _tiny_llm(tmp_path)
+    llm.warmup(use_tqdm=False)
+    before = llm.num_compilations()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 500, int(n)).tolist() for n in rng.integers(1, 100, 12)]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True)
+              for m in rng.integers(1, 28, 12)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert llm.num_compilations() == before
