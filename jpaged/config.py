@@ -22,6 +22,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None = the model's own context length
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
+    kv_cache_dtype: str = "auto"  # "auto" = float32 on CPU (XLA's CPU scatter copies a
+    # bfloat16 pool through float32), the model's dtype elsewhere
     attention_backend: str = "auto"
     seed: int = 0
     enable_prefix_caching: bool = True
@@ -46,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"swap_space must be >= 0 bytes, got {self.swap_space}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                              f"got {self.attention_backend!r}")

@@ -1,8 +1,9 @@
 """Host-side inputs of one step: fixed-shape numpy arrays padded to buckets.
 
-Every dimension is rounded up to a power of two (tokens, sequences, query
-length, pages per sequence), so the jitted step compiles for a small, known
-set of shapes; `step_buckets` enumerates them for warm-up. Padding tokens
+Token, sequence and query-length dimensions are rounded up to powers of two,
+and block tables are always `max_model_len / block_size` pages wide (attention
+loops only over the pages in use), so the jitted step compiles for a small,
+known set of shapes; `step_buckets` enumerates them for warm-up. Padding tokens
 write to slot -1 (dropped) and padding sequences have context length 0.
 """
 from __future__ import annotations
@@ -40,14 +41,11 @@ class InputBuilder:
         self.max_pages = -(-max_model_len // block_size)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.min_pages = min(8, self.max_pages)
 
     def shapes(self, batch: ScheduledBatch) -> tuple[int, int, int, int]:
         """(N tokens, B sequences, Q query length, P pages) buckets of a batch."""
         num_seqs = len(batch.seqs)
-        pages = max(-(-(s.num_computed_tokens + n) // self.block_size)
-                    for s, n in zip(batch.seqs, batch.num_new_tokens))
-        P = bucket(pages, self.min_pages, self.max_pages)
+        P = self.max_pages
         if not batch.is_prefill:
             B = bucket(num_seqs, 8)
             return B, B, 1, P
@@ -58,7 +56,7 @@ class InputBuilder:
 
     def step_buckets(self) -> list[tuple[int, int, int, int]]:
         """Every (N, B, Q, P) the scheduler can produce under this configuration."""
-        pages = sorted({bucket(p, self.min_pages, self.max_pages) for p in range(1, self.max_pages + 1)})
+        pages = [self.max_pages]
         seqs = sorted({bucket(b, 8) for b in range(1, self.max_num_seqs + 1)})
         out = [(B, B, 1, P) for B in seqs for P in pages]
         tokens = sorted({bucket(n, 16) for n in range(1, self.max_num_batched_tokens + 1)})
@@ -113,7 +111,8 @@ class InputBuilder:
                           query_start_loc, query_grid, grid_index, logits_index)
 
 
-def build_sampling(batch: ScheduledBatch, num_rows: int, vocab_size: int, max_logprobs: int):
+def build_sampling(batch: ScheduledBatch, num_rows: int, vocab_size: int, max_logprobs: int,
+                   eos_token_ids=()):
     """Per-row sampling parameters (numpy, padded to `num_rows`) and the static mode."""
     from .sampler import SamplingTensors
     temperature = np.zeros(num_rows, np.float32)
@@ -126,9 +125,17 @@ def build_sampling(batch: ScheduledBatch, num_rows: int, vocab_size: int, max_lo
     seed = np.zeros(num_rows, np.uint32)
     step = np.zeros(num_rows, np.int32)
     params = [s.request.params for s in batch.seqs]
-    use_penalties = any(p.uses_penalties for p in params)
+    # Before min_tokens, EOS and stop tokens are banned: a [B, V] mask, so the penalty path.
+    min_tokens_rows = [b for b, (seq, p) in enumerate(zip(batch.seqs, params))
+                       if seq.num_output_tokens < p.min_tokens]
+    use_penalties = any(p.uses_penalties for p in params) or bool(min_tokens_rows)
     counts = np.zeros((num_rows, vocab_size), np.float32) if use_penalties else None
     prompt_mask = np.zeros((num_rows, vocab_size), np.bool_) if use_penalties else None
+    banned = np.zeros((num_rows, vocab_size), np.bool_) if use_penalties else None
+    for b in min_tokens_rows:
+        p = params[b]
+        ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+        banned[b, [i for i in ids if 0 <= i < vocab_size]] = True
     for b, (seq, p) in enumerate(zip(batch.seqs, params)):
         temperature[b] = p.temperature
         top_k[b] = max(p.top_k, 0)
@@ -145,4 +152,4 @@ def build_sampling(batch: ScheduledBatch, num_rows: int, vocab_size: int, max_lo
                        use_penalties=use_penalties,
                        num_logprobs=max_logprobs if want else 0)
     return SamplingTensors(temperature, top_k, top_p, min_p, rep, presence, frequency, seed, step,
-                           counts, prompt_mask), mode
+                           counts, prompt_mask, banned), mode

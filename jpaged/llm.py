@@ -74,7 +74,9 @@ class LLM:
         self.params = jax.device_put(params)
         self.tokenizer = tokenizer
         self.model_config = model_config
-        kv_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
+        kv_dtype = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else (
+            "float32" if jax.default_backend() == "cpu" else jax.tree_util.tree_leaves(self.params)[0].dtype)
+        kv_dtype = jnp.dtype(kv_dtype)
 
         limit = model_config.max_position_embeddings
         if model_config.sliding_window:
@@ -184,7 +186,7 @@ class LLM:
             return []
         inputs = self.input_builder.build(batch)
         sampling, mode = build_sampling(batch, len(inputs.logits_index), self.model_config.vocab_size,
-                                        self.config.max_logprobs)
+                                        self.config.max_logprobs, self.eos_token_ids)
         out = self.runner.execute(inputs, sampling, mode)
         touched: dict[str, Request] = {}
         for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):

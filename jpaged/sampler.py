@@ -41,6 +41,7 @@ class SamplingTensors(NamedTuple):
     step: jax.Array                 # i32[B]: output index of the token being sampled
     output_counts: jax.Array | None = None  # f32[B, V]
     prompt_mask: jax.Array | None = None    # bool[B, V]
+    banned: jax.Array | None = None         # bool[B, V]: tokens a row may not sample (min_tokens)
 
 
 class SamplerMode(NamedTuple):
@@ -69,8 +70,11 @@ def apply_penalties(logits, t: SamplingTensors):
     rep = jnp.where(rep > 0, rep, 1.0)[:, None]
     seen = in_output | t.prompt_mask.astype(bool)
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    return (logits - _clean(t.frequency_penalty, 0.0)[:, None] * counts
-            - _clean(t.presence_penalty, 0.0)[:, None] * in_output.astype(jnp.float32))
+    logits = (logits - _clean(t.frequency_penalty, 0.0)[:, None] * counts
+              - _clean(t.presence_penalty, 0.0)[:, None] * in_output.astype(jnp.float32))
+    if t.banned is not None:  # EOS and stop tokens before min_tokens (vLLM's semantics)
+        logits = jnp.where(t.banned, -jnp.inf, logits)
+    return logits
 
 
 def _blocked(x, bs, fill):

@@ -156,3 +156,16 @@ def test_chat_and_stats(default_llm):
     stats = default_llm.kv_cache_stats()
     assert stats["used_blocks"] == 0 and stats["free_blocks"] == stats["total_blocks"]
     assert isinstance(jpaged.__version__, str)
+
+
+def test_min_tokens_bans_eos_until_reached(default_llm):
+    llm = default_llm
+    chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say OK."}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+    free = llm.generate({"prompt_token_ids": chat}, SamplingParams(temperature=0.0, max_tokens=40),
+                        use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "stop" and len(free.token_ids) < 20  # the model stops early
+    out = llm.generate({"prompt_token_ids": chat}, SamplingParams(temperature=0.0, max_tokens=40,
+                                                                  min_tokens=20), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 20
+    assert not set(out.token_ids[:20]) & llm.eos_token_ids

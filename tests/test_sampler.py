@@ -69,7 +69,7 @@ def np_keep(s, k, p, min_p, slack=0.0):
     return keep
 
 
-CFG = (4, 64)  # (CANDIDATES, BLOCK): block top_k, bisection fallback and padded blocks at V=300
+CFG = (4, 64)  # (CANDIDATES, BLOCK): block top_k, rejection fallback, padded blocks at V=300
 B, V = 8, 300
 
 
@@ -91,8 +91,8 @@ def test_greedy_is_argmax_and_logprobs_are_raw():
 @pytest.mark.parametrize("filt", [{}, dict(top_k=3), dict(top_k=6, top_p=0.8),
                                   dict(top_p=0.7, min_p=0.05)])
 def test_temperature_distribution_matches_softmax(filt):
-    """Fast path (top_k=3 fits in 4 candidates), bisection fallback (the others) and the
-    unfiltered two-level draw all match the filtered tempered softmax."""
+    """Fast path (top_k=3 fits in 4 candidates), exact fallback (the others; top_k=6 also
+    needs the radix select) and the unfiltered two-level draw match the filtered softmax."""
     n, T, R = 40, 0.7, 1024
     logits = np.linspace(-2.0, 2.0, n).astype(np.float32)[np.random.default_rng(0).permutation(n)]
     mode = SamplerMode(False, True, False, 0)
