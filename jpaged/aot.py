@@ -60,12 +60,18 @@ GPUS = {
 
 
 def target_config_dir() -> Path:
-    """Where the GpuTargetConfigProto files are: $JPAGED_GPU_TARGETS, else
-    `shared/gpu_targets` beside the checkout (the workspace layout)."""
+    """Where the GpuTargetConfigProto files are: $JPAGED_GPU_TARGETS, else the first
+    `shared/gpu_targets` beside a checkout (this file's, or the working directory's:
+    an installed, non-editable jpaged lives in site-packages)."""
     env = os.environ.get("JPAGED_GPU_TARGETS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "gpu_targets"
+    here = Path(__file__).resolve()
+    candidates = [here.parents[2], Path.cwd().parent, Path.cwd()]
+    for base in candidates:
+        if (base / "shared" / "gpu_targets").is_dir():
+            return base / "shared" / "gpu_targets"
+    return candidates[0] / "shared" / "gpu_targets"
 
 
 class DevicelessUnavailable(RuntimeError):
@@ -173,45 +179,13 @@ def pool_bytes(config: ModelConfig, bucket: Bucket, dtype=jnp.bfloat16) -> int:
         * config.head_dim * jnp.dtype(dtype).itemsize
 
 
-@dataclasses.dataclass(frozen=True)
-class TargetedPallasBackend(PallasBackend):
-    """`PallasBackend` with two changes the engine's backend needs for real GPUs:
-
-    - `gpu`: the kernels' tunables for a named GPU instead of the detected one (a
-      deviceless compile has no GPU to detect, so it would get A100's everywhere);
-    - q is cast to the pool's dtype before the kernel and the output back after: the
-      model's activations are float32 while a GPU pool is bfloat16, and Triton's
-      `tl.dot` needs both operands of one type ("a and b must have the same element
-      type, but got: f32 and bf16" when lowering the step for `cuda`).
-
-    Once `attention.PallasBackend` has both (a `gpu` field, the cast), `backend_for`
-    returns it directly and this class can go."""
-    gpu: str | None = None
-
-    def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
-        from jpaged.pallas_kernels.paged_attention import paged_attention
-        from jpaged.pallas_kernels.ragged_paged_attention import ragged_paged_attention
-        qk = q.astype(k_pool.dtype)
-        if meta.query_grid.shape[1] == 1:  # decode: one query token per sequence
-            out = paged_attention(qk, k_pool, v_pool, layer, meta.block_tables,
-                                  meta.context_lens, scale=scale, interpret=self.interpret,
-                                  gpu=self.gpu)
-        else:
-            out = ragged_paged_attention(qk, k_pool, v_pool, layer, meta.block_tables,
-                                         meta.context_lens, meta.query_start_loc, scale=scale,
-                                         interpret=self.interpret, gpu=self.gpu)
-        return out.astype(q.dtype)
-
-
 def backend_for(gpu: str | None, name: str = "pallas") -> AttentionBackend:
     """The attention backend of a step compiled for `gpu`: Pallas with that GPU's
-    tunables (see `TargetedPallasBackend`); other names go to `get_backend`."""
+    tunables (a deviceless compile has no GPU to detect); other names go to `get_backend`."""
     if name != "pallas":
         from .attention import get_backend
         return get_backend(name)
-    if "gpu" in {f.name for f in dataclasses.fields(PallasBackend)}:  # the engine has the hook
-        return PallasBackend(name="pallas", gpu=gpu)  # type: ignore[call-arg]
-    return TargetedPallasBackend(name="pallas", gpu=gpu)
+    return PallasBackend(name="pallas", gpu=gpu)
 
 
 def _sds(shape, dtype, sharding):

@@ -49,47 +49,60 @@ class AttentionBackend:
         v_pool = v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype), mode="drop")
         return k_pool, v_pool
 
+    decode_group = 8  # decode rows per page loop (rows come sorted by context length)
+
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
         """q [N, heads, head_dim] -> [N, heads, head_dim]; causal over each sequence's context.
 
         A loop over pages with an online softmax: each iteration gathers ONE block per
         sequence (small enough to stay in cache) instead of materialising every
-        sequence's whole context, which measured 3x faster on the CPU. The trip count
-        is the longest context's pages, not the block table's bucketed width.
+        sequence's whole context, which measured 3x faster on the CPU. Decode rows run
+        in groups of `decode_group`, each looping only over the pages its longest
+        context needs: with rows sorted by length, the work follows the tokens stored,
+        not batch size x the longest context.
         """
         N, H, D = q.shape
         B, Q = meta.query_grid.shape
-        _, _, block_size, KV, _ = k_pool.shape
-        G = H // KV
+        KV = k_pool.shape[3]
         qg = jnp.take(q, meta.query_grid, axis=0, mode="fill", fill_value=0)  # [B, Q, H, D]
-        qg = (qg.reshape(B, Q, KV, G, D) * scale).astype(jnp.float32)
+        qg = (qg.reshape(B, Q, KV, H // KV, D) * scale).astype(jnp.float32)
         q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
         q_pos = (meta.context_lens - q_lens)[:, None] + jnp.arange(Q)[None, :]  # [B, Q]
         limit = jnp.minimum(q_pos, meta.context_lens[:, None] - 1)  # last key each query sees
-        num_pages = (jnp.max(meta.context_lens) + block_size - 1) // block_size
-
-        def body(p, carry):
-            m, l, acc = carry
-            blocks = meta.block_tables[:, p]
-            # Upcast after the gather: XLA's CPU dots are slow on small bfloat16 operands.
-            k = k_pool[layer, blocks].astype(jnp.float32)  # [B, block_size, KV, D]
-            v = v_pool[layer, blocks].astype(jnp.float32)
-            s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k)
-            key_pos = p * block_size + jnp.arange(block_size)
-            visible = key_pos[None, None, :] <= limit[:, :, None]  # [B, Q, block_size]
-            s = jnp.where(visible[:, None, None], s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows that saw nothing yet
-            e = jnp.exp(s - m_safe[..., None])
-            a = jnp.exp(m - m_safe)
-            return m_new, l * a + e.sum(-1), acc * a[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", e, v)
-
-        init = (jnp.full((B, KV, G, Q), -jnp.inf), jnp.zeros((B, KV, G, Q)),
-                jnp.zeros((B, KV, G, Q, D)))
-        _, l, acc = jax.lax.fori_loop(0, num_pages, body, init)
-        o = acc / jnp.where(l == 0, 1.0, l)[..., None]  # padding rows: zeros, not NaN
+        rows = self.decode_group if Q == 1 and B % self.decode_group == 0 else B
+        o = jnp.concatenate([
+            _page_loop(qg[r:r + rows], k_pool, v_pool, layer, meta.block_tables[r:r + rows],
+                       meta.context_lens[r:r + rows], limit[r:r + rows])
+            for r in range(0, B, rows)])
         o = o.transpose(0, 3, 1, 2, 4).reshape(B * Q, H, D)
         return o[meta.grid_index].astype(q.dtype)
+
+
+def _page_loop(qg, k_pool, v_pool, layer, block_tables, context_lens, limit):
+    """Online-softmax attention of qg [B, Q, KV, G, D] over the pages of each row."""
+    B, Q, KV, G, D = qg.shape
+    block_size = k_pool.shape[2]
+    num_pages = (jnp.max(context_lens) + block_size - 1) // block_size
+
+    def body(p, carry):
+        m, l, acc = carry
+        blocks = block_tables[:, p]
+        # Upcast after the gather: XLA's CPU dots are slow on small bfloat16 operands.
+        k = k_pool[layer, blocks].astype(jnp.float32)  # [B, block_size, KV, D]
+        v = v_pool[layer, blocks].astype(jnp.float32)
+        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k)
+        key_pos = p * block_size + jnp.arange(block_size)
+        visible = key_pos[None, None, :] <= limit[:, :, None]  # [B, Q, block_size]
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows that saw nothing yet
+        e = jnp.exp(s - m_safe[..., None])
+        a = jnp.exp(m - m_safe)
+        return m_new, l * a + e.sum(-1), acc * a[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", e, v)
+
+    init = (jnp.full((B, KV, G, Q), -jnp.inf), jnp.zeros((B, KV, G, Q)), jnp.zeros((B, KV, G, Q, D)))
+    _, l, acc = jax.lax.fori_loop(0, num_pages, body, init)
+    return acc / jnp.where(l == 0, 1.0, l)[..., None]  # padding rows: zeros, not NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +136,7 @@ class PallasBackend(AttentionBackend):
     """The Pallas kernels; pool layout [layers, kv_heads, blocks, block_size, head_dim]."""
     name: str = "pallas"
     interpret: bool = False
+    gpu: str | None = None  # tunables for this GPU ("a100" / "h100"); None = the detected one
     block_axis = 2
 
     def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim):
@@ -135,11 +149,15 @@ class PallasBackend(AttentionBackend):
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
         from jpaged.pallas_kernels.paged_attention import paged_attention
         from jpaged.pallas_kernels.ragged_paged_attention import ragged_paged_attention
+        qk = q.astype(k_pool.dtype)  # Triton dots need one operand type (f32 activations, bf16 pool)
         if meta.query_grid.shape[1] == 1:  # decode: one query token per sequence
-            return paged_attention(q, k_pool, v_pool, layer, meta.block_tables, meta.context_lens,
-                                   scale=scale, interpret=self.interpret)
-        return ragged_paged_attention(q, k_pool, v_pool, layer, meta.block_tables, meta.context_lens,
-                                      meta.query_start_loc, scale=scale, interpret=self.interpret)
+            out = paged_attention(qk, k_pool, v_pool, layer, meta.block_tables, meta.context_lens,
+                                  scale=scale, interpret=self.interpret, gpu=self.gpu)
+        else:
+            out = ragged_paged_attention(qk, k_pool, v_pool, layer, meta.block_tables,
+                                         meta.context_lens, meta.query_start_loc, scale=scale,
+                                         interpret=self.interpret, gpu=self.gpu)
+        return out.astype(q.dtype)
 
 
 def get_backend(name: str) -> AttentionBackend:

@@ -66,6 +66,7 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
                    warmup: str = "full", seed: int | None = 0, quiet: bool = False) -> dict[str, Any]:
     """Warm up, then time `llm.generate` over the whole workload (all requests queued at
     once, no progress bar). Returns the result dict (see `throughput_benchmark`)."""
+    import jax
     if warmup not in WARMUP_MODES:
         raise ValueError(f"warmup must be one of {WARMUP_MODES}, got {warmup!r}")
     params = _params(workload, temperature, seed)
@@ -117,13 +118,14 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
         "warmup_s": warmup_s,
         "warmup_compilations": warmup_compilations,
         "temperature": temperature,
+        "kv_cache_dtype": str(jax.tree_util.tree_leaves(llm.runner.kv_pool)[0].dtype),
         "kv_total_blocks": kv["total_blocks"],
         "kv_pool_bytes": kv["pool_bytes"],
         "block_size": llm.config.block_size,
         "max_num_seqs": llm.config.max_num_seqs,
         "max_num_batched_tokens": llm.config.max_num_batched_tokens,
         "max_model_len": llm.max_model_len,
-        "attention_backend": llm.config.attention_backend,
+        "attention_backend": getattr(llm.runner.backend, "name", llm.config.attention_backend),
     }
 
 

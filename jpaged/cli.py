@@ -37,7 +37,7 @@ def parse_bytes(text: str) -> int:
 # with a sampling flag of the same name.
 _BYTE_FIELDS = {"kv_cache_memory", "swap_space"}
 _ENGINE_RENAMED = {"seed": "engine_seed"}
-_CHOICES = {"dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS,
+_CHOICES = {"dtype": DTYPES, "kv_cache_dtype": DTYPES, "attention_backend": ATTENTION_BACKENDS,
             "preemption_mode": ("recompute", "swap")}
 
 ENGINE_HELP = {
@@ -49,6 +49,7 @@ ENGINE_HELP = {
     "max_model_len": "most tokens (prompt + output) of one sequence [default: the model's "
                      "context length]",
     "dtype": "weights and compute dtype; auto = float32 on CPU, bfloat16 on GPU",
+    "kv_cache_dtype": "KV pool dtype; auto = float32 on CPU, the model's dtype elsewhere",
     "attention_backend": "paged attention implementation; auto picks the platform's",
     "seed": "engine seed: draws the seeds of requests that have no --seed",
     "enable_prefix_caching": "share the KV blocks of common prompt prefixes",
@@ -130,7 +131,7 @@ def _add_dataclass_flags(group, cls, *, prefix: str, help: dict[str, str],
         else:
             kw.update(type=_optional_str if optional else str, metavar="STR")
         if name in _CHOICES:
-            kw["choices"] = _CHOICES[name]
+            kw.update(choices=_CHOICES[name], metavar=None)
         group.add_argument(_flag(rename.get(name, name)), **kw)
 
 

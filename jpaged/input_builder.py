@@ -80,6 +80,10 @@ class InputBuilder:
                           z(N, np.int32), z(B, np.int32))
 
     def build(self, batch: ScheduledBatch) -> StepInputs:
+        """Arrays for `batch`. Decode batches are first sorted by context length, longest
+        first (in place), so that attention can skip the pages short rows don't have."""
+        if not batch.is_prefill:
+            batch.seqs.sort(key=lambda s: -s.num_computed_tokens)
         N, B, Q, P = self.shapes(batch)
         bs = self.block_size
         token_ids = np.zeros(N, np.int32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Any, Iterable, Sequence as Seq
+from typing import Any, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from .block_manager import BlockManager
 from .config import GiB, EngineConfig
 from .detokenizer import DetokState, detokenize_incrementally
 from .input_builder import InputBuilder, build_sampling
+from .kv_blocks import HostKVPool
 from .model_runner import ModelRunner, enable_compilation_cache, kv_bytes_per_block, num_step_compilations
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .sampling_params import SamplingParams
@@ -97,7 +98,10 @@ class LLM:
                 f"bytes or lower max_model_len")
         self.runner = ModelRunner(module, self.params, model_config, backend, num_blocks,
                                   config.block_size, kv_dtype)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        num_host_blocks = config.swap_space // per_block if config.preemption_mode == "swap" else 0
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          num_host_blocks)
+        self.host_pool = HostKVPool(self.runner.kv_pool, num_host_blocks, backend.block_axis)
         self.scheduler = Scheduler(config, self.block_manager)
         self.input_builder = InputBuilder(config.block_size, config.max_num_seqs,
                                           config.max_num_batched_tokens, self.max_model_len)
@@ -160,7 +164,10 @@ class LLM:
             seq.detok_state = DetokState()
             seq.logprobs = [] if params.logprobs is not None else None
             request.seqs.append(seq)
-            self.scheduler.add(seq)
+        # The other samples are forked from the first when its prompt is prefilled: they
+        # share the prompt's blocks (copy-on-write) and sample from its logits.
+        request.seqs[0].pending_forks = request.seqs[1:]
+        self.scheduler.add(request.seqs[0])
         self.requests[request_id] = request
         return request_id
 
@@ -184,19 +191,29 @@ class LLM:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        self._apply_block_ops(batch)
+        if not batch.seqs:  # only swaps this step
+            return []
         inputs = self.input_builder.build(batch)
         sampling, mode = build_sampling(batch, len(inputs.logits_index), self.model_config.vocab_size,
                                         self.config.max_logprobs, self.eos_token_ids)
         out = self.runner.execute(inputs, sampling, mode)
         touched: dict[str, Request] = {}
+        beams = {}
         for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.num_computed_tokens += n
             if batch.is_prefill:
                 self.stats["prefill_tokens"] += n
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk that samples nothing yet
+            if seq.request.beam is not None:  # beam search picks its tokens per request
+                seq.request.beam.receive(seq, out, b)
+                beams[seq.request.request_id] = seq.request.beam
+                continue
             self._append_token(seq, out, b)
             touched[seq.request.request_id] = seq.request
+        for beam in beams.values():
+            beam.advance(self)
         self._record_utilization()
         results = []
         for request in touched.values():
@@ -207,6 +224,21 @@ class LLM:
             if request.finished:
                 del self.requests[request.request_id]
         return results
+
+    def _apply_block_ops(self, batch) -> None:
+        """Swaps and copy-on-write copies the scheduler asked for, before the step runs."""
+        if batch.blocks_to_swap_in:
+            host, dev = zip(*batch.blocks_to_swap_in)
+            self.runner.swap_in(dev, *self.host_pool.load(host))
+        if batch.blocks_to_swap_out:
+            dev, host = zip(*batch.blocks_to_swap_out)
+            self.host_pool.store(host, self.runner.swap_out(dev))
+        if batch.blocks_to_copy:
+            src, dst = zip(*batch.blocks_to_copy)
+            self.runner.copy_blocks(src, dst)
+        self.stats["blocks_copied"] = self.stats.get("blocks_copied", 0) + len(batch.blocks_to_copy)
+        self.stats["blocks_swapped"] = self.stats.get("blocks_swapped", 0) + \
+            len(batch.blocks_to_swap_in) + len(batch.blocks_to_swap_out)
 
     def _append_token(self, seq: Sequence, out, row: int) -> None:
         params = seq.request.params
@@ -334,12 +366,30 @@ class LLM:
     def kv_cache_stats(self) -> dict[str, float]:
         bm = self.block_manager
         stored = sum(s.num_computed_tokens for s in self.scheduler.running)
+        if bm.num_logical_blocks != bm.num_used_blocks:  # shared blocks: count their tokens once
+            filled: dict[int, int] = {}
+            for s in self.scheduler.running:
+                for i, block in enumerate(s.block_table):
+                    n = min(bm.block_size, max(0, s.num_computed_tokens - i * bm.block_size))
+                    filled[block] = max(filled.get(block, 0), n)
+            stored = sum(filled.values())
         slots = bm.num_used_blocks * bm.block_size
         return {"total_blocks": bm.num_blocks, "used_blocks": bm.num_used_blocks,
                 "free_blocks": bm.num_free_blocks, "block_size": bm.block_size,
                 "utilization": stored / slots if slots else 0.0,
                 "num_preemptions": self.scheduler.num_preemptions,
-                "pool_bytes": self.runner.pool_bytes}
+                "pool_bytes": self.runner.pool_bytes,
+                # sharing: blocks held per sequence, summed (what no sharing would need)
+                "logical_blocks": bm.num_logical_blocks,
+                "cached_blocks": bm.num_cached_blocks,
+                "prefix_cache_hit_rate": bm.prefix_cache_hit_rate,
+                "swapped_blocks": bm.num_host_used_blocks, "host_blocks": bm.num_host_blocks}
+
+    def beam_search(self, prompts, params) -> list:
+        """Beam search (vLLM's shape): one `BeamSearchOutput` per prompt whose `sequences`
+        are the beams, best first. See `jpaged.beam_search`."""
+        from .beam_search import beam_search
+        return beam_search(self, prompts, params)
 
     def num_compilations(self) -> int:
         return num_step_compilations()

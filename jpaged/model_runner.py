@@ -7,7 +7,6 @@ place; `step_memory_analysis` lets a test prove the step never copies it.
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +64,23 @@ class ModelRunner:
 
     def step_memory_analysis(self, inputs, sampling, mode):
         return self.lower(inputs, sampling, mode).compile().memory_analysis()
+
+    # ---- whole-block operations (copy-on-write, swapping): jitted, the pool donated ----------
+
+    def copy_blocks(self, src, dst) -> None:
+        """Block dst[i] := block src[i] in the K and V pools (all reads before writes)."""
+        from .kv_blocks import copy_blocks
+        self.kv_pool = copy_blocks(self.kv_pool, src, dst, self.backend.block_axis)
+
+    def swap_out(self, blocks) -> tuple[np.ndarray, np.ndarray]:
+        """Host (numpy) copies of the K and V of `blocks`, stacked along the block axis."""
+        from .kv_blocks import gather_blocks
+        return gather_blocks(self.kv_pool, blocks, self.backend.block_axis)
+
+    def swap_in(self, blocks, k, v) -> None:
+        """Write host arrays (as `swap_out` returns them) into `blocks`."""
+        from .kv_blocks import scatter_blocks
+        self.kv_pool = scatter_blocks(self.kv_pool, blocks, (k, v), self.backend.block_axis)
 
 
 def _make_step(module):

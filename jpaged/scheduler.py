@@ -2,10 +2,22 @@
 
 A step is either a prefill step (prompt chunks of waiting or partly prefilled
 sequences, within `max_num_batched_tokens`) or a decode step (one token for
-every running sequence). Prefill goes first, as in vLLM, so new requests join
-the batch as soon as blocks allow. When decode runs out of blocks the most
-recently admitted sequence is preempted (recompute: its blocks are freed and
-it goes back to the front of the queue, to be prefilled again).
+every running sequence that has one to compute). Prefill goes first, as in
+vLLM, so new requests join the batch as soon as blocks allow.
+
+Sharing: a request with `best_of > 1` is admitted as one sequence; when its
+prompt's last chunk is scheduled, the other samples are forked from it (sharing
+every block) and join the same step with zero new tokens, so all of them sample
+from the prompt's logits. Writing into a shared block is copy-on-write: the
+batch lists the block copies the engine does before the step.
+
+Preemption, when a decode step runs out of blocks: the most recently admitted
+running sequence is the victim. `recompute` (default) frees its blocks and puts
+it back at the front of the queue, to be prefilled again (cached prefix blocks
+come back for free). `swap` moves the victim's whole request group to host blocks
+(shared blocks stay shared) and back before it resumes; while anything is swapped
+out, no new request is admitted. Swap falls back to recompute when the host space
+is full or the group is all that runs.
 """
 from __future__ import annotations
 
@@ -22,10 +34,18 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     is_prefill: bool
+    # Block operations the engine does before the step, in this order:
+    blocks_to_swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (host, device)
+    blocks_to_swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (device, host)
+    blocks_to_copy: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def has_block_ops(self) -> bool:
+        return bool(self.blocks_to_swap_in or self.blocks_to_swap_out or self.blocks_to_copy)
 
 
 class Scheduler:
@@ -34,7 +54,9 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self.swapped: collections.deque[list[Sequence]] = collections.deque()  # groups, first in first
         self.num_preemptions = 0
+        self.num_swap_outs = 0
         # Admitting a new sequence leaves this many blocks free for running ones to
         # grow into, so that a full pool does not preempt on the very next step.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
@@ -43,7 +65,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out and free its blocks."""
@@ -51,32 +73,73 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:
+            for group in self.swapped:
+                if seq in group:
+                    group.remove(seq)
+                    if not group:
+                        self.swapped.remove(group)
+                    break
+        seq.pending_forks = []
         self.block_manager.free(seq)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A running sequence gains a sibling that shares its blocks (beam search)."""
+        assert parent.status is SequenceStatus.RUNNING
+        self.block_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_prefill()
+        bm = self.block_manager
+        for seq in self.running:  # blocks filled by the last step join the prefix cache
+            bm.cache_blocks(seq)
+        ops = ScheduledBatch([], [], False)
+        self._schedule_swap_in(ops)
+        batch = self._schedule_prefill(ops, admit=not self.swapped)
         if batch is None:
-            batch = self._schedule_decode()
+            batch = self._schedule_decode(ops)
+        if batch is None:
+            return ops if ops.has_block_ops else None
+        batch.blocks_to_swap_in = ops.blocks_to_swap_in
+        batch.blocks_to_swap_out = ops.blocks_to_swap_out
+        batch.blocks_to_copy = ops.blocks_to_copy
         return batch
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
+    def _group_size(self, seq: Sequence) -> int:
+        """Sequences admitting `seq` will add to the running set (with its forks to come)."""
+        beam = seq.request.beam
+        if beam is not None and seq.num_output_tokens == 0:
+            return max(1, beam.width)
+        return 1 + len(seq.pending_forks)
+
+    def _schedule_prefill(self, ops: ScheduledBatch, admit: bool) -> ScheduledBatch | None:
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
+        bs = bm.block_size
         seqs, counts = [], []
         partial = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        for seq in partial + list(self.waiting):
+        for seq in partial + (list(self.waiting) if admit else []):
             if budget == 0:
                 break
             is_new = seq.status is SequenceStatus.WAITING
-            if is_new and len(self.running) >= self.config.max_num_seqs:
+            if is_new and len(self.running) + self._group_size(seq) > self.config.max_num_seqs:
                 break
-            reserve = self.watermark_blocks if is_new else 0
-            room = (bm.num_free_blocks - reserve) * bm.block_size \
-                + len(seq.block_table) * bm.block_size - seq.num_computed_tokens
-            chunk = min(seq.num_uncomputed_tokens, budget, room)
+            hits = bm.match_prefix(seq) if is_new else []
+            free = bm.num_free_blocks - bm.num_evictable(hits) - (self.watermark_blocks if is_new else 0)
+            if hits:
+                computed, table = len(hits) * bs, len(hits)
+            else:
+                computed, table = seq.num_computed_tokens, len(seq.block_table)
+                free -= bm.cow_blocks_needed(seq, computed + 1)
+            room = free * bs + table * bs - computed
+            chunk = min(seq.num_tokens - computed, budget, room)
             if chunk <= 0:
                 break
-            bm.grow(seq, seq.num_computed_tokens + chunk)
+            if is_new and not seq.block_table:
+                bm.take_prefix(seq, hits)
+            ops.blocks_to_copy += bm.append(seq, seq.num_computed_tokens + chunk)
             if is_new:
                 self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
@@ -84,30 +147,87 @@ class Scheduler:
             seqs.append(seq)
             counts.append(chunk)
             budget -= chunk
+            if seq.pending_forks and seq.num_computed_tokens + chunk == seq.num_tokens:
+                # The prompt is complete after this step: the other samples share all of
+                # its blocks and sample from its last token's logits in this same step.
+                for child in seq.pending_forks:
+                    bm.fork(seq, child)
+                    child.num_computed_tokens = seq.num_tokens
+                    child.status = SequenceStatus.RUNNING
+                    self.running.append(child)
+                    seqs.append(child)
+                    counts.append(0)
+                seq.pending_forks = []
         return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
+    def _schedule_decode(self, ops: ScheduledBatch) -> ScheduledBatch | None:
         bm = self.block_manager
-        scheduled = []
+        scheduled: list[Sequence] = []
+        copies: dict[int, list[tuple[int, int]]] = {}
         for seq in list(self.running):
             if seq not in self.running:  # preempted below by an older sequence
                 continue
-            while not bm.can_grow(seq, seq.num_computed_tokens + 1):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
+            if seq.num_uncomputed_tokens == 0:  # a beam waiting for its siblings' logits
+                continue
+            while not bm.can_append(seq, seq.num_computed_tokens + 1):
+                victims = self._preempt(scheduled, copies, ops)
+                if seq in victims:
                     break
             else:
                 if seq.num_uncomputed_tokens == 1:
-                    bm.grow(seq, seq.num_computed_tokens + 1)
+                    copies[seq.seq_id] = bm.append(seq, seq.num_computed_tokens + 1)
                     scheduled.append(seq)
+        for seq in scheduled:
+            ops.blocks_to_copy += copies.get(seq.seq_id, [])
         if not scheduled:
             return None
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+    def _preempt(self, scheduled: list[Sequence], copies: dict, ops: ScheduledBatch) -> list[Sequence]:
+        """Preempt the newest running sequence (swap: with its request group); return the victims."""
+        bm = self.block_manager
+        victim = self.running[-1]
+        group = [s for s in self.running if s.request is victim.request]
         self.num_preemptions += 1
+        if (self.config.preemption_mode == "swap" and len(group) < len(self.running)
+                and bm.can_swap_out(group)):
+            for s in group:  # undo this step's copy-on-write and growth for the group first
+                if s in scheduled:
+                    scheduled.remove(s)
+                    bm.undo_copies(s, copies.pop(s.seq_id, []))
+            for s in group:
+                self.running.remove(s)
+                bm.trim(s)
+                s.status = SequenceStatus.SWAPPED
+            ops.blocks_to_swap_out += bm.swap_out(group)
+            self.swapped.appendleft(group)
+            self.num_swap_outs += 1
+            return group
+        self.running.remove(victim)
+        bm.free(victim)
+        victim.status = SequenceStatus.WAITING
+        self.waiting.appendleft(victim)
+        return [victim]
+
+    def _schedule_swap_in(self, ops: ScheduledBatch) -> None:
+        bm = self.block_manager
+        while self.swapped:
+            group = self.swapped[0]
+            if len(self.running) + len(group) > self.config.max_num_seqs:
+                break
+            reserve = (self.watermark_blocks + len(group)) if self.running else 0
+            if not bm.can_swap_in(group, reserve):
+                if self.running:
+                    break
+                # Nothing runs and the group does not fit: recompute it instead.
+                self.swapped.popleft()
+                for s in reversed(group):
+                    bm.free(s)
+                    s.status = SequenceStatus.WAITING
+                    self.waiting.appendleft(s)
+                continue
+            self.swapped.popleft()
+            ops.blocks_to_swap_in += bm.swap_in(group)
+            for s in group:
+                s.status = SequenceStatus.RUNNING
+                self.running.append(s)

@@ -3,6 +3,12 @@
 A `Sequence` owns the tokens (prompt + output) and knows how many of them
 already have K/V in the pool (`num_computed_tokens`); its `block_table` lists
 the physical blocks holding them, in logical order.
+
+Sharing: a request with `best_of > 1` starts as ONE sequence whose
+`pending_forks` are the other samples; the scheduler forks them off (sharing
+every prompt block) when the prompt's last chunk is scheduled. A beam-search
+request (`Request.beam`) forks and drops sequences every step. A swapped-out
+sequence keeps its K/V in host blocks listed in `host_block_table`.
 """
 from __future__ import annotations
 
@@ -40,6 +46,14 @@ class Sequence:
     stop_reason: int | str | None = None
     detok_state: object = None  # the incremental detokenizer's offsets
     seed: int = 0
+    # Samples of the same request still to be forked from this one (parallel sampling).
+    pending_forks: list["Sequence"] = dataclasses.field(default_factory=list)
+    # Prefix caching: hashes of this sequence's full blocks (computed lazily, in order), and how
+    # many of its blocks the block manager has already registered in (or deduplicated against)
+    # the cache.
+    block_hashes: list[int] = dataclasses.field(default_factory=list)
+    num_cached_blocks: int = 0
+    host_block_table: list[int] = dataclasses.field(default_factory=list)  # while SWAPPED
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +86,7 @@ class Request:
     params: SamplingParams
     arrival_time: float
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
+    beam: object = None  # a beam_search.BeamGroup for beam-search requests
 
     @property
     def finished(self) -> bool:

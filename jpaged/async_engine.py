@@ -1,0 +1,288 @@
+"""The engine loop in a background thread, streaming outputs to asyncio consumers.
+
+`LLM` is synchronous and single-threaded, and a JAX step blocks, so one thread
+owns the engine and makes every call on it. Coroutines talk to that thread
+through a command queue: `generate()` queues an "add" and then awaits the
+request's own asyncio queue, which the engine thread fills after each step
+through `loop.call_soon_threadsafe`; leaving `generate()` early (the consumer
+stops, or its task is cancelled because the client went away) queues an
+"abort", which frees the request's KV blocks before the next step. An idle
+engine blocks on the command queue, so it uses no CPU between requests.
+
+    engine = AsyncEngine(LLM(...))            # starts the thread
+    async for out in engine.generate(prompt, SamplingParams(max_tokens=8)):
+        print(out.outputs[0].text)            # cumulative text, as LLM.step gives it
+    engine.shutdown()
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("jpaged.async_engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped: no request can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A step raised: the requests it held were aborted (the server goes on)."""
+
+
+class _Stream:
+    """The consumer side of one request: an asyncio queue on the consumer's loop."""
+
+    __slots__ = ("loop", "queue", "request_id", "finished")
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+
+def _deliver(items: list[tuple[_Stream, Any]]) -> None:  # runs on the consumer's loop
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
+class AsyncEngine:
+    """Owns `llm` from now on: after construction, call its methods only through this."""
+
+    def __init__(self, llm, *, name: str = "jpaged-engine"):
+        self.llm = llm
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
+        self._front: list = []  # a command taken off the queue early, to run first
+        self._stopping = False
+        self.dead: BaseException | None = None
+        self.num_step_errors = 0
+        self.snapshot: dict[str, Any] = {}
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- the consumer side (any thread, usually the event loop's) ---------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None
+
+    async def generate(self, prompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue one request and yield its RequestOutputs as steps advance it; the last
+        one has `finished=True`. ValueError/TypeError from `LLM.add_request` (bad
+        prompt or params) is raised here before any output. Leaving early aborts."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine has stopped: {self.dead!r}")
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(request_id, asyncio.get_running_loop())
+        self._commands.put(("add", stream, prompt, params))
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    stream.finished = True
+                    raise item
+                if item.finished:
+                    stream.finished = True
+                yield item
+                if stream.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    async def call(self, fn: Callable, *args) -> Any:
+        """Run `fn(llm, *args)` on the engine thread between steps and return its result."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine has stopped: {self.dead!r}")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._commands.put(("call", fut, loop, fn, args))
+        return await fut
+
+    def call_sync(self, fn: Callable, *args, timeout: float | None = None) -> Any:
+        """`call` for plain threads (tests, scripts)."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run(llm):
+            try:
+                box["value"] = fn(llm, *args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box["error"] = e
+            done.set()
+        self._commands.put(("call", None, None, run, ()))
+        if not done.wait(timeout):
+            raise TimeoutError("the engine thread did not answer in time")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort everything, stop the thread and wait for it (a step in flight finishes)."""
+        self._stopping = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        llm = self.llm
+        try:
+            while True:
+                # Block only while idle; between steps take whatever is queued.
+                block = not llm.has_unfinished_requests()
+                if not self._drain(block):
+                    break
+                if not llm.has_unfinished_requests():
+                    continue
+                steps = llm.stats.get("steps")
+                try:
+                    outputs = llm.step()
+                except Exception as e:  # noqa: BLE001 - keep serving the next requests
+                    self._step_failed(e)
+                    continue
+                self._dispatch(outputs)
+                self._publish()
+                if not outputs and llm.stats.get("steps") == steps:
+                    self._wait_for_command(0.01)  # nothing could be scheduled: do not spin
+        except BaseException as e:  # noqa: BLE001
+            logger.exception("engine thread died")
+            self.dead = e
+        finally:
+            self._fail_all(self.dead or EngineDeadError("the engine was shut down"))
+            self._publish()
+
+    def _drain(self, block: bool) -> bool:
+        """Run queued commands; False on "stop"."""
+        changed = False
+        while True:
+            try:
+                cmd = self._front.pop() if self._front else \
+                    self._commands.get(block=block) if block else self._commands.get_nowait()
+            except queue.Empty:
+                break
+            block = False
+            kind = cmd[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(*cmd[1:])
+                changed = True
+            elif kind == "abort":
+                stream = self._streams.pop(cmd[1], None)
+                if stream is not None:
+                    self.llm.abort_request(cmd[1])
+                    changed = True
+            elif kind == "call":
+                self._call(*cmd[1:])
+        if changed:
+            self._publish()
+        return True
+
+    def _wait_for_command(self, timeout: float) -> None:
+        try:
+            self._front.append(self._commands.get(timeout=timeout))  # _drain takes it first
+        except queue.Empty:
+            pass
+
+    def _add(self, stream: _Stream, prompt, params) -> None:
+        if self._stopping:
+            self._send([(stream, EngineDeadError("the engine is shutting down"))])
+            return
+        if stream.request_id in self._streams:
+            self._send([(stream, ValueError(f"request_id {stream.request_id!r} is already running"))])
+            return
+        try:
+            self.llm.add_request(prompt, params, request_id=stream.request_id)
+        except (ValueError, TypeError) as e:
+            self._send([(stream, e)])
+            return
+        self._streams[stream.request_id] = stream
+
+    def _call(self, fut, loop, fn, args) -> None:
+        try:
+            result, error = fn(self.llm, *args), None
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            result, error = None, e
+        if fut is None:
+            return
+
+        def settle():
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+        loop.call_soon_threadsafe(settle)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        items = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            items.append((stream, out))
+        self._send(items)
+
+    def _send(self, items: list[tuple[_Stream, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in items:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: its consumers are gone
+                for stream, _ in batch:
+                    if self._streams.pop(stream.request_id, None) is not None:
+                        self.llm.abort_request(stream.request_id)
+
+    def _step_failed(self, error: Exception) -> None:
+        self.num_step_errors += 1
+        logger.exception("engine step failed; aborting the %d requests in flight",
+                         len(self._streams))
+        self._fail_all(EngineStepError(f"the engine step failed: {error!r}"))
+        for request_id in list(getattr(self.llm, "requests", {})):
+            self.llm.abort_request(request_id)
+        self._publish()
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            try:
+                self.llm.abort_request(stream.request_id)
+            except Exception:  # noqa: BLE001
+                logger.exception("abort of %s failed", stream.request_id)
+        self._send([(s, error) for s in streams])
+
+    def _publish(self) -> None:
+        """A snapshot of the engine's state for other threads (metrics, health)."""
+        llm = self.llm
+        try:
+            kv = dict(llm.kv_cache_stats())
+            sched = llm.scheduler
+            snap = {"kv": kv, "num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                    "num_swapped": len(getattr(sched, "swapped", ()) or ()),
+                    "num_requests": len(llm.requests), "stats": dict(llm.stats),
+                    "time": time.monotonic()}
+        except Exception:  # noqa: BLE001 - an engine mid-change must not kill the loop
+            logger.exception("could not read the engine's stats")
+            return
+        self.snapshot = snap
