@@ -17,6 +17,7 @@ engine blocks on the command queue, so it uses no CPU between requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -101,6 +102,58 @@ class AsyncEngine:
         finally:
             if not stream.finished:
                 self._commands.put(("abort", request_id))
+
+    async def generate_many(self, jobs, disconnected=None, on_finish=None, on_abort=None):
+        """Run several requests at once, each job `(prompt, params, request_id)`; yield
+        (job index, RequestOutput) as outputs come. Ends early (aborting what is left)
+        when the coroutine function `disconnected` returns, or when the consumer leaves.
+        `on_finish(arrival, first_token_time, RequestOutput)` is called per finished
+        job (times from time.monotonic()); `on_abort()` per aborted one."""
+        sink: asyncio.Queue = asyncio.Queue()
+        gone = object()
+
+        async def pump(i, prompt, params, request_id):
+            arrival, first, out = time.monotonic(), None, None
+            try:
+                async with contextlib.aclosing(self.generate(prompt, params, request_id)) as agen:
+                    async for out in agen:
+                        if first is None and any(c.token_ids for c in out.outputs):
+                            first = time.monotonic()
+                        sink.put_nowait((i, out))
+                if on_finish is not None and out is not None:
+                    on_finish(arrival, first, out)
+            except asyncio.CancelledError:
+                if on_abort is not None and not (out is not None and out.finished):
+                    on_abort()
+                raise
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                sink.put_nowait((i, e))
+                return
+            sink.put_nowait((i, None))
+
+        async def watch():
+            await disconnected()
+            sink.put_nowait((-1, gone))
+
+        tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
+        if disconnected is not None:
+            tasks.append(asyncio.create_task(watch()))
+        try:
+            remaining = len(jobs)
+            while remaining:
+                i, item = await sink.get()
+                if item is gone:
+                    return
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -278,9 +331,14 @@ class AsyncEngine:
         try:
             kv = dict(llm.kv_cache_stats())
             sched = llm.scheduler
-            snap = {"kv": kv, "num_running": len(sched.running), "num_waiting": len(sched.waiting),
-                    "num_swapped": len(getattr(sched, "swapped", ()) or ()),
+            def requests(seqs):
+                return len({id(getattr(s, "request", s)) for s in seqs})
+            swapped = [s for g in getattr(sched, "swapped", ()) or ()
+                       for s in (g if isinstance(g, (list, tuple)) else [g])]
+            snap = {"kv": kv, "num_running": requests(sched.running),
+                    "num_waiting": requests(sched.waiting), "num_swapped": requests(swapped),
                     "num_requests": len(llm.requests), "stats": dict(llm.stats),
+                    "compilations": llm.num_compilations() if hasattr(llm, "num_compilations") else 0,
                     "time": time.monotonic()}
         except Exception:  # noqa: BLE001 - an engine mid-change must not kill the loop
             logger.exception("could not read the engine's stats")

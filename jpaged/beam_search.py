@@ -193,26 +193,34 @@ class BeamGroup:
         return BeamSearchOutput(list(self.finished))
 
 
-def beam_search(llm, prompts: Any, params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """`LLM.beam_search`: one BeamSearchOutput per prompt, in order."""
-    if not isinstance(params, BeamSearchParams):
-        raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
+def beam_search(llm, prompts: Any, params) -> list[BeamSearchOutput]:
+    """`LLM.beam_search`: one BeamSearchOutput per prompt, in order. `params`: one
+    BeamSearchParams for all prompts or one per prompt."""
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                             and isinstance(prompts[0], int)):
         prompts = [prompts]
-    tokenized = [llm._tokenize(p) for p in prompts]
-    eos = frozenset() if params.ignore_eos else frozenset(llm.eos_token_ids)
-    k = params.beam_width + len(eos)
-    if k > llm.config.max_logprobs:
-        raise ValueError(f"beam_width={params.beam_width} needs the top {k} logprobs of every beam "
-                         f"(width + {len(eos)} EOS ids); raise max_logprobs (now "
-                         f"{llm.config.max_logprobs}) to at least {k}")
-    sp = SamplingParams(temperature=0.0, max_tokens=None, logprobs=k, ignore_eos=True)
+    prompts = list(prompts)
+    params = [params] * len(prompts) if isinstance(params, BeamSearchParams) else list(params)
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} beam search params for {len(prompts)} prompts")
+    for p in params:
+        if not isinstance(p, BeamSearchParams):
+            raise TypeError(f"params must be BeamSearchParams, got {type(p).__name__}")
+        eos = frozenset() if p.ignore_eos else frozenset(llm.eos_token_ids)
+        k = p.beam_width + len(eos)
+        if k > llm.config.max_logprobs:
+            raise ValueError(f"beam_width={p.beam_width} needs the top {k} logprobs of every beam "
+                             f"(width + {len(eos)} EOS ids); raise max_logprobs (now "
+                             f"{llm.config.max_logprobs}) to at least {k}")
+    tokenized = [llm._tokenize(p) for p in prompts]  # every prompt checked before any is queued
     groups: list[BeamGroup] = []
     try:
-        for text, ids in tokenized:
+        for (text, ids), p in zip(tokenized, params):
+            eos = frozenset() if p.ignore_eos else frozenset(llm.eos_token_ids)
+            sp = SamplingParams(temperature=0.0, max_tokens=None, logprobs=p.beam_width + len(eos),
+                                ignore_eos=True)
             request = llm.requests[llm._add_tokenized(text, ids, sp)]
-            request.beam = BeamGroup(request, params, eos, llm.max_model_len)
+            request.beam = BeamGroup(request, p, eos, llm.max_model_len)
             groups.append(request.beam)
         while not all(g.done for g in groups):
             llm.step()

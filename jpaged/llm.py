@@ -44,6 +44,18 @@ def default_kv_cache_memory() -> int:
     return min(2 * GiB, total // 4)
 
 
+def available_memory() -> int | None:
+    """Bytes the OS can still give this process (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class LLM:
     """The engine. `model`: None (the embedded SmolLM2-135M-Instruct), a path to a
     Hugging Face folder or a .gguf file, or an in-memory Flax model (then pass
@@ -87,6 +99,10 @@ class LLM:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context "
                              f"length {limit}")
         budget = config.kv_cache_memory or default_kv_cache_memory()
+        available = available_memory()
+        if jax.default_backend() == "cpu" and available is not None and budget > available:
+            raise ValueError(f"kv_cache_memory={budget} bytes is more than the {available} bytes of "
+                             f"memory available after loading the weights: lower kv_cache_memory")
         per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype)
         num_blocks = budget // per_block
         if num_blocks * config.block_size < self.max_model_len:

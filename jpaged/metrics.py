@@ -9,6 +9,8 @@ several can live in one process.
 """
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -43,11 +45,11 @@ class _EngineCollector:
         kv = snap.get("kv", {})
         stats = snap.get("stats", {})
         total = kv.get("total_blocks") or 0
-        yield self._gauge("jpaged:num_requests_running", "Sequences in the running batch.",
+        yield self._gauge("jpaged:num_requests_running", "Requests with sequences in the running batch.",
                           snap.get("num_running", 0))
-        yield self._gauge("jpaged:num_requests_waiting", "Sequences waiting to be scheduled.",
+        yield self._gauge("jpaged:num_requests_waiting", "Requests waiting to be scheduled (new or preempted).",
                           snap.get("num_waiting", 0))
-        yield self._gauge("jpaged:num_requests_swapped", "Sequences swapped out to host memory.",
+        yield self._gauge("jpaged:num_requests_swapped", "Requests swapped out to host memory.",
                           snap.get("num_swapped", 0))
         yield self._gauge("jpaged:kv_cache_usage_perc",
                           "Fraction of KV cache blocks in use (1 = full).",
@@ -67,6 +69,8 @@ class _EngineCollector:
                             "Tokens prefilled since start (recomputed ones included).",
                             stats.get("prefill_tokens", 0))
         yield self._counter("jpaged:engine_steps", "Engine steps since start.", stats.get("steps", 0))
+        yield self._counter("jpaged:step_compilations", "Step executables compiled (or loaded from "
+                            "the persistent cache) in this process.", snap.get("compilations", 0))
 
 
 class ServerMetrics:
@@ -111,6 +115,12 @@ class ServerMetrics:
         self.completion_tokens.inc(sum(num_outputs))
         for reason in finish_reasons:
             self._success.labels(self._success_labels, str(reason)).inc()
+
+    def observe_output(self, arrival: float, first: float | None, out) -> None:
+        """A finished RequestOutput (AsyncEngine.generate_many's on_finish)."""
+        comps = out.outputs
+        self.observe_request(arrival, first, time.monotonic(), len(out.prompt_token_ids),
+                             [len(c.token_ids) for c in comps], [c.finish_reason for c in comps])
 
     def error(self, status: int) -> None:
         self.errors.labels(self._success_labels, str(status)).inc()

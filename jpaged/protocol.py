@@ -8,9 +8,18 @@ the server's OpenAPI schema, which the fuzz tests generate requests from.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def _limit(name: str) -> dict:
+    """Marks a field whose upper bound depends on the server (the model, its limits): the
+    server writes it into its OpenAPI schema as `maximum` (see server._finish_schema)."""
+    return {"x-jpaged-limit": name}
+
+
+TokenId = Annotated[int, Field(ge=0, json_schema_extra=_limit("token_id"))]
 
 
 class _Model(BaseModel):
@@ -47,8 +56,8 @@ class UsageInfo(_Model):
 class _Sampling(_Model):
     """Sampling fields shared by completions and chat completions."""
     model: str | None = Field(None, description="the served model name; omitted = the only one")
-    n: int = Field(1, ge=1, description="completions per prompt")
-    best_of: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, description="completions per prompt", json_schema_extra=_limit("n"))
+    best_of: int | None = Field(None, ge=1, json_schema_extra=_limit("n"))
     temperature: float | None = Field(None, ge=0, description="0 = greedy [default 1]")
     top_p: float | None = Field(None, gt=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -74,10 +83,12 @@ class _Sampling(_Model):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
         ..., description="a string, a list of strings, token ids, or a list of token id lists")
-    max_tokens: int | None = Field(16, ge=1, description="null = up to max_model_len")
-    logprobs: int | None = Field(None, ge=0, description="top log-probabilities per token")
+    max_tokens: int | None = Field(16, ge=1, description="null = up to max_model_len",
+                                   json_schema_extra=_limit("max_tokens"))
+    logprobs: int | None = Field(None, ge=0, description="top log-probabilities per token",
+                                 json_schema_extra=_limit("logprobs"))
     echo: bool = False
     suffix: str | None = Field(None, description="not supported: must be empty")
 
@@ -122,10 +133,12 @@ class ChatMessage(_Model):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="null = up to max_model_len")
-    max_completion_tokens: int | None = Field(None, ge=1, description="overrides max_tokens")
+    max_tokens: int | None = Field(None, ge=1, description="null = up to max_model_len",
+                                   json_schema_extra=_limit("max_tokens"))
+    max_completion_tokens: int | None = Field(None, ge=1, description="overrides max_tokens",
+                                              json_schema_extra=_limit("max_tokens"))
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, json_schema_extra=_limit("logprobs"))
     response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
     tool_choice: str | dict[str, Any] | None = None
@@ -201,7 +214,7 @@ class TokenizeResponse(_Model):
 
 class DetokenizeRequest(_Model):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(_Model):
@@ -210,17 +223,20 @@ class DetokenizeResponse(_Model):
 
 # ---- conversions -----------------------------------------------------------------------------
 
-SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); top_p at least this
+FLOAT_CAP = 1e6  # temperature and repetition_penalty are clamped to [1/FLOAT_CAP, FLOAT_CAP]
+# (beyond, float32 overflows; the distribution is already uniform / the penalty absolute)
 
 
 def sampling_kwargs(req: _Sampling, max_tokens: int | None, logprobs: int | None,
                     vocab_size: int) -> dict[str, Any]:
     """The `SamplingParams` keyword arguments of a request (None fields -> defaults)."""
-    temperature = 1.0 if req.temperature is None else req.temperature
+    temperature = 1.0 if req.temperature is None else min(req.temperature, FLOAT_CAP)
     top_k = -1 if req.top_k in (None, 0, -1) else min(req.top_k, vocab_size)
+    rep = 1.0 if req.repetition_penalty is None else min(max(req.repetition_penalty, 1 / FLOAT_CAP), FLOAT_CAP)
     kw = dict(n=req.n, best_of=req.best_of, temperature=0.0 if temperature < SAMPLING_EPS else temperature,
-              top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
-              min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+              top_p=1.0 if req.top_p is None else max(req.top_p, SAMPLING_EPS), top_k=top_k,
+              min_p=req.min_p or 0.0, repetition_penalty=rep,
               presence_penalty=req.presence_penalty or 0.0,
               frequency_penalty=req.frequency_penalty or 0.0, seed=req.seed,
               max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,

@@ -100,6 +100,9 @@ class Scheduler:
         batch = self._schedule_prefill(ops, admit=not self.swapped)
         if batch is None:
             batch = self._schedule_decode(ops)
+        if batch is None and not ops.has_block_ops and self._stalled():
+            self._break_stall()
+            return self.schedule()
         if batch is None:
             return ops if ops.has_block_ops else None
         batch.blocks_to_swap_in = ops.blocks_to_swap_in
@@ -172,6 +175,9 @@ class Scheduler:
             while not bm.can_append(seq, seq.num_computed_tokens + 1):
                 victims = self._preempt(scheduled, copies, ops)
                 if seq in victims:
+                    if self.running and all(s.num_uncomputed_tokens == 0 and s.request is seq.request
+                                            for s in self.running):
+                        self._does_not_fit()
                     break
             else:
                 if seq.num_uncomputed_tokens == 1:
@@ -208,6 +214,32 @@ class Scheduler:
         victim.status = SequenceStatus.WAITING
         self.waiting.appendleft(victim)
         return [victim]
+
+    def _stalled(self) -> bool:
+        """Nothing can run: every running sequence is a beam waiting for a sibling's logits,
+        and what is queued or swapped out does not fit next to them."""
+        return bool(self.running and (self.waiting or self.swapped)
+                    and all(s.num_uncomputed_tokens == 0 for s in self.running))
+
+    def _break_stall(self) -> None:
+        """Recompute-preempt the newest idle beam of another request than the first one held
+        up, so that the held-up request gets its room (its own beams wait for it)."""
+        blocked = self.swapped[0][0].request if self.swapped else self.waiting[0].request
+        others = [s for s in self.running if s.request is not blocked]
+        if not others:
+            self._does_not_fit()
+        victim = others[-1]
+        self.running.remove(victim)
+        self.block_manager.free(victim)
+        victim.status = SequenceStatus.WAITING
+        self.waiting.insert(1 if self.waiting else 0, victim)
+        self.num_preemptions += 1
+
+    def _does_not_fit(self):
+        raise RuntimeError(
+            f"a beam-search request with {len(self.running) + 1} beams does not fit in the KV "
+            f"pool ({self.block_manager.num_blocks} blocks): raise kv_cache_memory or lower "
+            f"the beam width")
 
     def _schedule_swap_in(self, ops: ScheduledBatch) -> None:
         bm = self.block_manager

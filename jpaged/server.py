@@ -17,7 +17,6 @@ told otherwise; `api_key` makes every /v1, /tokenize and /detokenize request nee
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hmac
@@ -27,7 +26,6 @@ import pathlib
 import threading
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -110,12 +108,22 @@ def _stream_doc(model) -> dict:
 
 
 def default_model_name(model) -> str:
+    """The model path's stem (a folder's name); SmolLM2-135M-Instruct for the default model."""
+    from .llm import LLM
+    if isinstance(model, LLM):  # its path, if the engine records one
+        model = getattr(model, "model_path", None) or DEFAULT_MODEL_NAME
+        if model == DEFAULT_MODEL_NAME:
+            return model
     if model is None:
         return DEFAULT_MODEL_NAME
-    if isinstance(model, (str, pathlib.Path)):
-        path = pathlib.Path(model)
-        return path.name if path.is_dir() else path.stem
-    return "model"
+    if not isinstance(model, (str, pathlib.Path)):
+        return "model"
+    path = pathlib.Path(model)
+    with contextlib.suppress(Exception):
+        from jpaged.models.loader import resolve_model_path
+        if path.resolve() == resolve_model_path(None):
+            return DEFAULT_MODEL_NAME
+    return path.name if path.is_dir() else path.stem
 
 
 class _App:
@@ -209,58 +217,15 @@ class _App:
 
     # ---- generation --------------------------------------------------------------------------
 
-    async def run(self, raw: Request, jobs: list[tuple[str | None, list[int], SamplingParams]], prefix):
-        """Run one engine request per job; yield (job index, RequestOutput) as they come.
-        A client disconnect ends it; leaving early aborts every unfinished request."""
-        sink: asyncio.Queue = asyncio.Queue()
-        gone = object()
-
-        async def pump(i, text, ids, params):
-            rid = f"{prefix}-{i}"
-            arrival, first, out = time.monotonic(), None, None
-            try:
-                async with contextlib.aclosing(self.engine.generate(
-                        {"prompt_token_ids": ids, "prompt": text}, params, rid)) as agen:
-                    async for out in agen:
-                        if first is None and any(c.token_ids for c in out.outputs):
-                            first = time.monotonic()
-                        sink.put_nowait((i, out))
-            except asyncio.CancelledError:
-                self.metrics.aborted.inc()
-                raise
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                sink.put_nowait((i, e))
-                return
-            comps = out.outputs if out else []
-            self.metrics.observe_request(arrival, first, time.monotonic(), len(ids),
-                                         [len(c.token_ids) for c in comps],
-                                         [c.finish_reason for c in comps])
-            sink.put_nowait((i, None))
-
-        async def watch():
+    def run(self, raw: Request, jobs, prefix: str):
+        """The jobs' outputs as (job index, RequestOutput); ends if the client goes away."""
+        async def disconnected():
             while (await raw.receive())["type"] != "http.disconnect":
                 pass
-            sink.put_nowait((-1, gone))
-
-        tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
-        watcher = asyncio.create_task(watch())
-        try:
-            remaining = len(tasks)
-            while remaining:
-                i, item = await sink.get()
-                if item is gone:
-                    return
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield i, item
-        finally:
-            watcher.cancel()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(watcher, *tasks, return_exceptions=True)
+        return self.engine.generate_many(
+            [({"prompt_token_ids": ids, "prompt": text}, params, f"{prefix}-{i}")
+             for i, (text, ids, params) in enumerate(jobs)],
+            disconnected, on_finish=self.metrics.observe_output, on_abort=self.metrics.aborted.inc)
 
     async def respond(self, raw: Request, req, jobs, fmt) -> Response:
         prefix = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
@@ -276,8 +241,10 @@ class _App:
                         finals[i] = out
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
-        except (EngineStepError, EngineDeadError) as e:
+        except EngineStepError as e:
             raise APIError(500, str(e), type="server_error") from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e), type="server_error", code="engine_dead") from None
         if len(finals) < len(jobs):  # the client went away
             return Response(status_code=499)
         return JSONResponse(fmt.response([finals[i] for i in range(len(jobs))]).model_dump(mode="json"))
@@ -411,13 +378,25 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
             state.check_ids(req.tokens, "tokens")
         return P.DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
 
-    _document_errors(app)
+    _finish_schema(app, {"token_id": state.vocab_size - 1, "n": max_n, "logprobs": state.max_logprobs,
+                         "max_tokens": state.max_model_len - 1})
     return _Guard(app, api_key, max_request_bytes)
 
 
-def _document_errors(app: FastAPI) -> None:
-    """Our validation errors are 400s with OpenAI bodies: drop FastAPI's 422 from the schema."""
+def _finish_schema(app: FastAPI, limits: dict[str, int]) -> None:
+    """The OpenAPI schema as served: validation errors are 400s with OpenAI bodies (not
+    FastAPI's 422), and fields marked with `x-jpaged-limit` get this server's maximum."""
     original = app.openapi
+
+    def fill(node):
+        if isinstance(node, dict):
+            if "x-jpaged-limit" in node:
+                node["maximum"] = limits[node.pop("x-jpaged-limit")]
+            for value in node.values():
+                fill(value)
+        elif isinstance(node, list):
+            for value in node:
+                fill(value)
 
     def openapi():
         if app.openapi_schema is None:
@@ -425,6 +404,7 @@ def _document_errors(app: FastAPI) -> None:
             for path in schema.get("paths", {}).values():
                 for op in path.values():
                     op.get("responses", {}).pop("422", None)
+            fill(schema)
             app.openapi_schema = schema
         return app.openapi_schema
     app.openapi = openapi
@@ -540,3 +520,12 @@ def cmd_serve(args) -> int:
           api_key=args.api_key, max_n=args.max_n, max_request_bytes=args.max_request_bytes,
           log_level=args.log_level, **_collect(args, "engine."))
     return 0
+
+
+if __name__ == "__main__":  # python -m jpaged.server [flags]: the same as `jpaged serve`
+    import argparse
+    import sys
+    _parser = argparse.ArgumentParser(prog="python -m jpaged.server",
+                                      description="OpenAI-compatible server of jpaged")
+    add_serve_arguments(_parser)
+    sys.exit(cmd_serve(_parser.parse_args()))

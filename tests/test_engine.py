@@ -169,3 +169,13 @@ def test_min_tokens_bans_eos_until_reached(default_llm):
                                                                   min_tokens=20), use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) >= 20
     assert not set(out.token_ids[:20]) & llm.eos_token_ids
+
+
+def test_pool_that_cannot_hold_one_request_says_what_to_change(tmp_path):
+    build_tiny_hf("llama", tmp_path, vocab_size=512)
+    with pytest.raises(ValueError, match="raise kv_cache_memory to at least .* or lower max_model_len"):
+        LLM(str(tmp_path), tokenizer=_NoTokenizer(), max_model_len=256, kv_cache_memory=10_000,
+            compilation_cache_dir="")
+    with pytest.raises(ValueError, match="more than the .* bytes of memory available"):
+        LLM(str(tmp_path), tokenizer=_NoTokenizer(), max_model_len=256, kv_cache_memory=1 << 50,
+            compilation_cache_dir="")

@@ -10,6 +10,7 @@ import atexit
 import importlib.util
 import json
 import pathlib
+import socket
 import threading
 import time
 
@@ -238,11 +239,21 @@ def test_disconnect_aborts_and_frees_blocks(tiny_server, client):
                 seen += line.startswith("data: ")
                 if seen >= 2:
                     break  # leaving the block closes the connection mid-stream
-    body["stream"] = False  # a non-streaming client that gives up
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=0.5)
+    # non-streaming clients that give up while their requests run
+    body["stream"] = False
+    payload = json.dumps(body).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+    socks = [socket.create_connection((tiny_server.host, tiny_server.port)) for _ in range(2)]
+    for sock in socks:
+        sock.sendall(request)
+    deadline = time.monotonic() + 30
+    while engine_state(tiny_server)[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for sock in socks:
+        sock.close()
     assert_pool_free(tiny_server)
-    assert metric_values(tiny_server.url)["jpaged:request_aborted_total"] >= before + 4
+    assert metric_values(tiny_server.url)["jpaged:request_aborted_total"] >= before + 5
     check_normal_request(client)
 
 
@@ -267,7 +278,8 @@ BAD = [  # (path, body, status, words in the message, param)
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "logprobs", "top_logprobs"),
-    ("/detokenize", {"tokens": [-1]}, 400, "outside the vocabulary", "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "greater than or equal to 0", "tokens"),
+    ("/detokenize", {"tokens": [49152]}, 400, "outside the vocabulary", "tokens"),
     ("/v1/nothing", {}, 404, "Not Found", None),
 ]
 
@@ -356,7 +368,27 @@ def test_soak_brief(tiny_server):
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
     report = asyncio.run(soak.run_soak(tiny_server.url, num_requests=100, concurrency=16,
-                                       abort_fraction=0.1, max_tokens=24, seed=1))
+                                       abort_fraction=0.1, max_tokens=24, seed=1, timeout=60))
     assert report["lost"] == 0 and report["duplicated"] == 0 and report["wrong"] == 0, report
     assert report["aborted"] >= 5 and report["completed"] + report["aborted"] == 100
     assert_pool_free(tiny_server)
+
+
+# ---- the serving benchmark, briefly --------------------------------------------------------
+
+
+def test_bench_serving_runs(tiny_server, tmp_path):
+    from jpaged.bench_serving import benchmark_serving, format_result, plot_sweep
+    workload = [{"prompt_token_ids": [100 + 7 * i + j for j in range(5 + 3 * i)], "max_tokens": 3 + i}
+                for i in range(4)]
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(workload))
+    results = benchmark_serving(tiny_server.url, str(path), [float("inf"), 20.0], warmup="none",
+                                quiet=True)
+    for res in results:
+        assert res["completed"] == 4 and res["failed"] == 0 and res["output_tokens"] == 3 + 4 + 5 + 6
+        assert res["ttft_ms"]["mean"] > 0 and res["normalized_latency_s_per_token"]["p99"] > 0
+        assert res["compilations"] >= 0 and "TTFT" in format_result(res)
+    pytest.importorskip("matplotlib")
+    plot_sweep(results, str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
