@@ -206,6 +206,8 @@ def beam_search(llm, prompts: Any, params) -> list[BeamSearchOutput]:
     for p in params:
         if not isinstance(p, BeamSearchParams):
             raise TypeError(f"params must be BeamSearchParams, got {type(p).__name__}")
+        if p.beam_width > llm.config.max_num_seqs:  # the beams of a request run together
+            raise ValueError(f"beam_width={p.beam_width} exceeds max_num_seqs={llm.config.max_num_seqs}")
         eos = frozenset() if p.ignore_eos else frozenset(llm.eos_token_ids)
         k = p.beam_width + len(eos)
         if k > llm.config.max_logprobs:

@@ -150,7 +150,7 @@ def build_sampling(batch: ScheduledBatch, num_rows: int, vocab_size: int, max_lo
         if use_penalties:
             np.add.at(counts[b], np.asarray(seq.output_token_ids, np.int64), 1.0)
             prompt_mask[b, seq.token_ids[:seq.num_prompt_tokens]] = True
-    want = max((p.logprobs or 0) for p in params)
+    want = any(p.logprobs for p in params)  # logprobs=0: only the sampled token's
     mode = SamplerMode(all_greedy=all(p.greedy for p in params),
                        use_filters=any(p.uses_filters and not p.greedy for p in params),
                        use_penalties=use_penalties,

@@ -172,6 +172,9 @@ class LLM:
         request_id = request_id if request_id is not None else str(next(self._request_counter))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
+        if params.best_of > self.config.max_num_seqs:  # its samples run together
+            raise ValueError(f"best_of (or n) = {params.best_of} exceeds max_num_seqs="
+                             f"{self.config.max_num_seqs}")
         request = Request(request_id, text, ids, params, time.monotonic())
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         for i in range(params.best_of):
@@ -264,8 +267,9 @@ class LLM:
         self.stats["output_tokens"] += 1
         if seq.logprobs is not None:
             entry = {token: Logprob(float(out.logprobs[row]))}
-            for rank, (tid, lp) in enumerate(zip(out.top_ids[row][:params.logprobs],
-                                                 out.top_logprobs[row][:params.logprobs]), 1):
+            top = zip(out.top_ids[row][:params.logprobs], out.top_logprobs[row][:params.logprobs]) \
+                if params.logprobs else ()
+            for rank, (tid, lp) in enumerate(top, 1):
                 entry.setdefault(int(tid), Logprob(float(lp)))
                 entry[int(tid)].rank = rank
             seq.logprobs.append(entry)

@@ -47,8 +47,8 @@ class _EngineCollector:
         total = kv.get("total_blocks") or 0
         yield self._gauge("jpaged:num_requests_running", "Requests with sequences in the running batch.",
                           snap.get("num_running", 0))
-        yield self._gauge("jpaged:num_requests_waiting", "Requests waiting to be scheduled (new or preempted).",
-                          snap.get("num_waiting", 0))
+        yield self._gauge("jpaged:num_requests_waiting",
+                          "Requests waiting to be scheduled (new or preempted).", snap.get("num_waiting", 0))
         yield self._gauge("jpaged:num_requests_swapped", "Requests swapped out to host memory.",
                           snap.get("num_swapped", 0))
         yield self._gauge("jpaged:kv_cache_usage_perc",

@@ -233,7 +233,8 @@ def sampling_kwargs(req: _Sampling, max_tokens: int | None, logprobs: int | None
     """The `SamplingParams` keyword arguments of a request (None fields -> defaults)."""
     temperature = 1.0 if req.temperature is None else min(req.temperature, FLOAT_CAP)
     top_k = -1 if req.top_k in (None, 0, -1) else min(req.top_k, vocab_size)
-    rep = 1.0 if req.repetition_penalty is None else min(max(req.repetition_penalty, 1 / FLOAT_CAP), FLOAT_CAP)
+    rep = 1.0 if req.repetition_penalty is None else \
+        min(max(req.repetition_penalty, 1 / FLOAT_CAP), FLOAT_CAP)
     kw = dict(n=req.n, best_of=req.best_of, temperature=0.0 if temperature < SAMPLING_EPS else temperature,
               top_p=1.0 if req.top_p is None else max(req.top_p, SAMPLING_EPS), top_k=top_k,
               min_p=req.min_p or 0.0, repetition_penalty=rep,

@@ -122,7 +122,10 @@ class Scheduler:
         bm = self.block_manager
         bs = bm.block_size
         seqs, counts = [], []
-        partial = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        # Prompts still being prefilled; one whose samples fork with its last chunk stays
+        # here down to its last token (decode batches get reordered, forks need order).
+        partial = [s for s in self.running
+                   if s.num_uncomputed_tokens > 1 or (s.pending_forks and s.num_uncomputed_tokens)]
         for seq in partial + (list(self.waiting) if admit else []):
             if budget == 0:
                 break
@@ -150,18 +153,23 @@ class Scheduler:
             seqs.append(seq)
             counts.append(chunk)
             budget -= chunk
-            if seq.pending_forks and seq.num_computed_tokens + chunk == seq.num_tokens:
-                # The prompt is complete after this step: the other samples share all of
-                # its blocks and sample from its last token's logits in this same step.
-                for child in seq.pending_forks:
-                    bm.fork(seq, child)
-                    child.num_computed_tokens = seq.num_tokens
-                    child.status = SequenceStatus.RUNNING
-                    self.running.append(child)
-                    seqs.append(child)
-                    counts.append(0)
-                seq.pending_forks = []
+            self._fork_pending(seq, chunk, seqs, counts)
         return ScheduledBatch(seqs, counts, is_prefill=True) if seqs else None
+
+    def _fork_pending(self, seq: Sequence, chunk: int, seqs: list, counts: list) -> None:
+        """If this step completes `seq`'s prompt, fork its pending samples: they share all
+        of its blocks and sample from its last token's logits in this same step (rows with
+        0 new tokens right after it)."""
+        if not seq.pending_forks or seq.num_computed_tokens + chunk != seq.num_tokens:
+            return
+        for child in seq.pending_forks:
+            self.block_manager.fork(seq, child)
+            child.num_computed_tokens = seq.num_tokens
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+            seqs.append(child)
+            counts.append(0)
+        seq.pending_forks = []
 
     def _schedule_decode(self, ops: ScheduledBatch) -> ScheduledBatch | None:
         bm = self.block_manager
@@ -180,7 +188,7 @@ class Scheduler:
                         self._does_not_fit()
                     break
             else:
-                if seq.num_uncomputed_tokens == 1:
+                if seq.num_uncomputed_tokens == 1 and not seq.pending_forks:
                     copies[seq.seq_id] = bm.append(seq, seq.num_computed_tokens + 1)
                     scheduled.append(seq)
         for seq in scheduled:

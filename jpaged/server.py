@@ -262,15 +262,16 @@ class _App:
                 yield f"data: {json.dumps(usage)}\n\n"
         except Exception as e:  # noqa: BLE001 - the status is sent: report in the stream
             bad = isinstance(e, (ValueError, TypeError))
-            err = APIError(400 if bad else 500, str(e), type="invalid_request_error" if bad else "server_error")
-            yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': err.status}})}\n\n"
+            error = {"message": str(e), "type": "invalid_request_error" if bad else "server_error",
+                     "param": None, "code": 400 if bad else 500}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
 
 
 def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None, *,
                api_key: str | None = None, max_n: int = DEFAULT_MAX_N,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
-    """The FastAPI app over a running AsyncEngine (wrapped in the key/size guard)."""
+    """The FastAPI app over a running AsyncEngine; `app.state.jpaged` holds its state."""
     names = [served_model_name] if isinstance(served_model_name, str) else \
         list(served_model_name or [DEFAULT_MODEL_NAME])
     state = _App(engine, names, max_n)
@@ -328,7 +329,8 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
         return P.ModelList(data=[P.ModelCard(id=n, root=n, max_model_len=state.max_model_len)
                                  for n in names])
 
-    @app.post("/v1/completions", response_model=P.CompletionResponse, responses=_stream_doc(P.CompletionResponse))
+    @app.post("/v1/completions", response_model=P.CompletionResponse,
+              responses=_stream_doc(P.CompletionResponse))
     async def completions(req: P.CompletionRequest, raw: Request):
         state.check_model(req.model)
         if req.suffix:
@@ -380,7 +382,8 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
 
     _finish_schema(app, {"token_id": state.vocab_size - 1, "n": max_n, "logprobs": state.max_logprobs,
                          "max_tokens": state.max_model_len - 1})
-    return _Guard(app, api_key, max_request_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_bytes=max_request_bytes)
+    return app
 
 
 def _finish_schema(app: FastAPI, limits: dict[str, int]) -> None:
@@ -412,17 +415,6 @@ def _finish_schema(app: FastAPI, limits: dict[str, int]) -> None:
 
 
 # ---- running it ------------------------------------------------------------------------------
-
-
-def _build(model, served_model_name, api_key, max_n, max_request_bytes, params, tokenizer,
-           engine_args):
-    from .llm import LLM
-    llm = model if isinstance(model, LLM) else LLM(model, params=params, tokenizer=tokenizer,
-                                                   **engine_args)
-    engine = AsyncEngine(llm)
-    app = create_app(engine, served_model_name or default_model_name(model), api_key=api_key,
-                     max_n=max_n, max_request_bytes=max_request_bytes)
-    return engine, app
 
 
 class ServerHandle:
@@ -462,39 +454,54 @@ class ServerHandle:
 def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
                  served_model_name: str | list[str] | None = None, api_key: str | None = None,
                  max_n: int = DEFAULT_MAX_N, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 log_level: str = "warning", params=None, tokenizer=None,
+                 log_level: str = "warning", warmup: bool = False, params=None, tokenizer=None,
                  **engine_args) -> ServerHandle:
     """Load the model, start the engine and uvicorn in background threads, and return once
     the server accepts connections: `with start_server(port=0) as h: ... h.url ...`.
-    `port=0` picks a free port. `model` may also be an `LLM`, which the server then owns.
-    To serve another app (say with an API key) over the same engine:
+    `model`: a path, None for the embedded default, an in-memory Flax model (with `params=`
+    and `tokenizer=`) or an `LLM`, which the server then owns; `engine_args`: EngineConfig
+    fields. `warmup`: compile every step shape first (greedy sampling; `LLM.warmup`), so no
+    request waits for a compilation. `port=0` picks a free port. To serve another app (say
+    with an API key) over the same engine:
     `ServerHandle(create_app(h.engine, api_key=KEY), h.engine, own_engine=False)`."""
-    engine, app = _build(model, served_model_name, api_key, max_n, max_request_bytes, params,
-                         tokenizer, engine_args)
-    return ServerHandle(app, engine, host, port, log_level)
-
-
-def serve(model=None, host: str = "127.0.0.1", port: int = 8000, *,
-          served_model_name: str | list[str] | None = None, api_key: str | None = None,
-          max_n: int = DEFAULT_MAX_N, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          log_level: str = "info", params=None, tokenizer=None, **engine_args) -> None:
-    """Serve `model` (a path, None for the embedded default, an in-memory Flax model with
-    `params=` and `tokenizer=`, or an LLM) until Ctrl-C. Engine arguments: EngineConfig
-    fields. For a handle to a server in a thread, use `start_server`."""
-    import uvicorn
-    engine, app = _build(model, served_model_name, api_key, max_n, max_request_bytes, params,
-                         tokenizer, engine_args)
+    from .llm import LLM
+    llm = model if isinstance(model, LLM) else LLM(model, params=params, tokenizer=tokenizer,
+                                                   **engine_args)
+    if warmup:
+        logger.warning("compiled %d step shapes in %.0f s", len(llm.input_builder.step_buckets()),
+                       llm.warmup(use_tqdm=log_level in ("info", "debug")))
+    engine = AsyncEngine(llm)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                    lifespan="off")
-    finally:
+        app = create_app(engine, served_model_name or default_model_name(model), api_key=api_key,
+                         max_n=max_n, max_request_bytes=max_request_bytes)
+        return ServerHandle(app, engine, host, port, log_level)
+    except BaseException:
         engine.shutdown()
+        raise
+
+
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+          **kwargs) -> None:
+    """Serve until Ctrl-C (the arguments of `start_server`). In a thread, or for a handle
+    to stop it, use `start_server` instead."""
+    handle = start_server(model, host, port, log_level=log_level, **kwargs)
+    logger.warning("jpaged serving %s at %s/v1", handle.app.state.jpaged.names[0], handle.url)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it as Ctrl-C does
+        import signal
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while handle.thread.is_alive():
+            handle.thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.shutdown()
 
 
 def add_serve_arguments(parser) -> None:
     """`jpaged serve` flags: server options plus every engine flag."""
     import os
-    from .cli import _add_engine_flags
+    from .cli import _add_engine_flags, parse_bytes
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; 0.0.0.0 exposes the server to the network "
                              "[default: 127.0.0.1]")
@@ -507,8 +514,11 @@ def add_serve_arguments(parser) -> None:
                              "[default: $JPAGED_API_KEY, or none]")
     parser.add_argument("--max-n", type=int, default=DEFAULT_MAX_N,
                         help=f"largest n / best_of a request may ask for [default: {DEFAULT_MAX_N}]")
-    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                        help=f"largest request body [default: {DEFAULT_MAX_REQUEST_BYTES}]")
+    parser.add_argument("--max-request-bytes", type=parse_bytes, default=DEFAULT_MAX_REQUEST_BYTES,
+                        metavar="BYTES", help="largest request body; takes units (4MiB) [default: 4MiB]")
+    parser.add_argument("--warmup", action="store_true",
+                        help="compile every step shape before serving (greedy sampling); slow "
+                             "once, then served from the persistent compilation cache")
     parser.add_argument("--log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
     _add_engine_flags(parser)
@@ -518,7 +528,7 @@ def cmd_serve(args) -> int:
     from .cli import _collect
     serve(args.model, args.host, args.port, served_model_name=args.served_model_name,
           api_key=args.api_key, max_n=args.max_n, max_request_bytes=args.max_request_bytes,
-          log_level=args.log_level, **_collect(args, "engine."))
+          log_level=args.log_level, warmup=args.warmup, **_collect(args, "engine."))
     return 0
 
 

@@ -156,9 +156,11 @@ async def run_soak(url: str, num_requests: int = 1000, concurrency: int = 32,
     result["duplicated"] += len(ids) - len(set(ids))
     result.update(
         requests=num_requests, wall_s=round(wall, 2),
-        running_after=m.get("jpaged:num_requests_running"), waiting_after=m.get("jpaged:num_requests_waiting"),
+        running_after=m.get("jpaged:num_requests_running"),
+        waiting_after=m.get("jpaged:num_requests_waiting"),
         kv_usage_after=m.get("jpaged:kv_cache_usage_perc"),
-        leaked_blocks=round(m.get("jpaged:kv_cache_usage_perc", 0) * m.get("jpaged:kv_cache_total_blocks", 0)),
+        leaked_blocks=round(m.get("jpaged:kv_cache_usage_perc", 0)
+                            * m.get("jpaged:kv_cache_total_blocks", 0)),
         preemptions=m.get("jpaged:num_preemptions_total"))
     result["ok"] = (result["lost"] == 0 and result["duplicated"] == 0 and result["wrong"] == 0
                     and result["completed"] + result["aborted"] == num_requests
@@ -167,7 +169,8 @@ async def run_soak(url: str, num_requests: int = 1000, concurrency: int = 32,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server; none = start one in-process")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)

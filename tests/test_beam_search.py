@@ -122,3 +122,18 @@ def _default_model_case(path, questions, width, max_tokens, length_penalty, earl
     _compare(outs, prompts, hf, width, max_tokens, sorted(llm.eos_token_ids), length_penalty, early_stopping)
     assert outs[0].sequences[0].text.strip()
     return outs
+
+
+def test_bad_beam_params_raise():
+    llm = tiny_llm()
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.beam_search([[5, 6, 7]], BeamSearchParams(beam_width=llm.config.max_num_seqs + 1, max_tokens=4))
+    saved, llm.config.max_logprobs = llm.config.max_logprobs, 3  # width + one EOS id needs 4
+    try:
+        with pytest.raises(ValueError, match="max_logprobs"):
+            llm.beam_search([[5, 6, 7]], BeamSearchParams(beam_width=3, max_tokens=4))
+    finally:
+        llm.config.max_logprobs = saved
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchParams(beam_width=0, max_tokens=4)
+    assert not llm.has_unfinished_requests()

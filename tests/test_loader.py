@@ -13,8 +13,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from models import loader
-from models.config import ModelConfig
+from jpaged.models import loader
+from jpaged.models.config import ModelConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

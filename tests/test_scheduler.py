@@ -193,3 +193,14 @@ def test_idle_beams_give_way_to_a_held_up_sibling():
     _run_step(batch)
     with pytest.raises(RuntimeError, match="does not fit"):
         sched.schedule()
+
+
+def test_samples_fork_when_the_last_prompt_chunk_is_one_token():
+    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, block_size=4)
+    sched = Scheduler(cfg, BlockManager(40, 4))
+    parent, child = seqs = _group(17, 2)
+    sched.add(parent)
+    _run_step(sched.schedule())  # 16 of 17 prompt tokens
+    batch = sched.schedule()  # the last token goes through a prefill step, with the fork
+    assert batch.is_prefill and batch.seqs == seqs and batch.num_new_tokens == [1, 0]
+    assert child.block_table == parent.block_table

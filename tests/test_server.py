@@ -343,7 +343,8 @@ def test_metrics_parse_and_move(tiny_server, client):
         "jpaged:time_to_first_token_seconds_count", 0)
     assert after["jpaged:time_per_output_token_seconds_count"] > before.get(
         "jpaged:time_per_output_token_seconds_count", 0)
-    assert after["jpaged:request_success_total{length}"] > before.get("jpaged:request_success_total{length}", 0)
+    key = "jpaged:request_success_total{length}"
+    assert after[key] > before.get(key, 0)
 
 
 def test_tokenize_detokenize_models_health(tiny_server, client):

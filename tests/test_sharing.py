@@ -121,3 +121,11 @@ def test_copy_on_write_keeps_each_sequence_kv_its_own():
         llm.block_manager.enable_prefix_caching = caching
     llm.abort_request(rid)
     assert llm.block_manager.num_used_blocks == 0
+
+
+def test_more_samples_than_max_num_seqs_is_an_error_not_a_hang():
+    import pytest
+    llm = tiny_llm()
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.add_request(_prompt(4, 5), SamplingParams(n=2, best_of=llm.config.max_num_seqs + 1))
+    assert not llm.has_unfinished_requests()
