@@ -2,7 +2,7 @@
 
 Two parts (Kwon et al., SOSP 2023, section 6.3 and 6.4):
 
-1. **Sharing within a request** (the paper's Figure 15, right): the share of KV blocks
+1. **Sharing within a request** (the paper's Fig. 15): the share of KV blocks
    that sharing saves for parallel sampling (n = 2, 4, 6; random sampling at
    temperature 1) and beam search (width 2, 4, 6) on the Alpaca and ShareGPT workloads.
    After every engine step the benchmark reads the blocks the sequences hold
@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-# The paper's reported savings (Section 6.3; ranges over n / width = 2..6, OPT-13B).
+# The paper's reported savings (section 6.3, Fig. 15: ranges over n / width = 2..6, OPT-13B).
 PAPER_SAVINGS = {
     ("parallel", "alpaca"): (6.1, 9.8), ("parallel", "sharegpt"): (16.2, 30.5),
     ("beam", "alpaca"): (37.6, 55.2), ("beam", "sharegpt"): (44.3, 66.3),
