@@ -248,21 +248,28 @@ def plot(result: dict, path: str) -> None:
     panels = [(m, w) for m in ("parallel", "beam") for w in ("alpaca", "sharegpt")
               if any(r["mode"] == m and r["workload"] == w for r in result["sharing"])]
     n = len(panels) + (1 if result["prefix"] else 0)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
-    for ax, (mode, name) in zip(axes[0], panels):
-        rows = [r for r in result["sharing"] if r["mode"] == mode and r["workload"] == name]
-        xs = [str(r["width"]) for r in rows]
-        ax.bar(xs, [r["saving_pct"] for r in rows], color="tab:blue", label="jpaged")
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.axis("off")
+    for ax, (mode, name) in zip(flat, panels):
+        rows_ = [r for r in result["sharing"] if r["mode"] == mode and r["workload"] == name]
+        xs = [str(r["width"]) for r in rows_]
+        bars = ax.bar(xs, [r["saving_pct"] for r in rows_], color="tab:blue", label="jpaged", zorder=2)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
         paper = PAPER_SAVINGS.get((mode, name))
         if paper:
-            ax.axhspan(paper[0], paper[1], color="tab:orange", alpha=0.25, label="paper (range)")
-        ax.set_title(f"{'parallel sampling' if mode == 'parallel' else 'beam search'}, {name}")
+            ax.axhspan(paper[0], paper[1], color="tab:orange", alpha=0.3, zorder=1,
+                       label="paper, OPT-13B (range, widths 2-6)")
+        ax.set_title(f"{'parallel sampling' if mode == 'parallel' else 'beam search'}, {name}", fontsize=9)
         ax.set_xlabel("n" if mode == "parallel" else "beam width")
         ax.set_ylabel("KV blocks saved (%)")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=6, loc="upper left")
     if result["prefix"]:
-        ax = axes[0][-1]
+        ax = flat[n - 1]
         labels = [f"{r['shots']}-shot\n({r['prefix_tokens']} tok)" for r in result["prefix"]]
         x = range(len(labels))
         ax.bar([i - 0.2 for i in x], [r["uncached_requests_per_s"] for r in result["prefix"]], 0.4,
@@ -271,7 +278,7 @@ def plot(result: dict, path: str) -> None:
                label="prefix caching", color="tab:green")
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("requests / s")
-        ax.set_title("shared prefix (translation)")
+        ax.set_title("shared prefix (translation)", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"KV sharing, {result['model'].split('/')[-1]} on CPU", fontsize=9)
     fig.tight_layout()
