@@ -34,7 +34,7 @@ import numpy as np
 from jpaged.models.config import ModelConfig
 
 from .attention import AttentionBackend, AttentionMetadata, PallasBackend
-from .input_builder import StepInputs
+from .input_builder import StepInputs, num_tiles
 from .sampler import SamplerMode, SamplingTensors
 
 
@@ -197,7 +197,8 @@ def input_specs(bucket: Bucket, sharding=None) -> StepInputs:
     i32 = lambda *shape: _sds(shape, jnp.int32, sharding)
     return StepInputs(token_ids=i32(N), positions=i32(N), slot_mapping=i32(N),
                       block_tables=i32(B, P), context_lens=i32(B), query_start_loc=i32(B + 1),
-                      query_grid=i32(B, Q), grid_index=i32(N), logits_index=i32(B))
+                      query_grid=i32(num_tiles(N, B, Q), Q), grid_index=i32(N), logits_index=i32(B),
+                      tile_seq=i32(num_tiles(N, B, Q)))
 
 
 def sampling_specs(num_rows: int, vocab_size: int, mode: SamplerMode, sharding=None
@@ -244,8 +245,7 @@ def step_specs(config: ModelConfig, bucket: Bucket, *, backend: AttentionBackend
     pool_shape = backend.pool_shape(config.num_layers, bucket.num_blocks, bucket.block_size,
                                     config.num_kv_heads, config.head_dim)
     inputs = input_specs(bucket)
-    meta = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.context_lens,
-                             inputs.query_start_loc, inputs.query_grid, inputs.grid_index)
+    meta = AttentionMetadata.from_inputs(inputs)
     pool = (_sds(pool_shape, kv_dtype, None),) * 2
     shapes = jax.eval_shape(
         lambda tok, pos, pool, meta, idx: module.init(jax.random.key(0), tok, pos, pool, meta, idx),

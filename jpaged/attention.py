@@ -6,8 +6,8 @@ each sequence's block table. The model calls `write` BEFORE `attend` for each
 layer, so the pool can stay in the layer scan's carry without being copied
 (DESIGN.md, last section).
 
-- `xla`: pure jnp; loops over pages with an online softmax, queries laid out on a
-  [sequences, query length] grid. The CPU default.
+- `xla`: pure jnp; loops over pages with an online softmax, queries laid out in
+  tiles of one sequence's tokens (see `input_builder`). The CPU default.
 - `reference`: per-token, the simplest correct version; used by tests.
 - `pallas` / `pallas-interpret`: the kernels in `jpaged.pallas_kernels`.
 """
@@ -26,8 +26,17 @@ class AttentionMetadata(NamedTuple):
     block_tables: jax.Array  # i32[B, P]
     context_lens: jax.Array  # i32[B]
     query_start_loc: jax.Array  # i32[B + 1]
-    query_grid: jax.Array  # i32[B, Q]
+    query_grid: jax.Array  # i32[R, Q] query tiles: packed token indices, N = padding
     grid_index: jax.Array  # i32[N]
+    tile_seq: jax.Array  # i32[R] sequence of each tile
+    positions: jax.Array  # i32[N]
+
+    @classmethod
+    def from_inputs(cls, inputs) -> "AttentionMetadata":
+        """From the input builder's `StepInputs` (numpy or device arrays alike)."""
+        return cls(inputs.slot_mapping, inputs.block_tables, inputs.context_lens,
+                   inputs.query_start_loc, inputs.query_grid, inputs.grid_index,
+                   inputs.tile_seq, inputs.positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,59 +59,69 @@ class AttentionBackend:
         return k_pool, v_pool
 
     decode_group = 8  # decode rows per page loop (rows come sorted by context length)
+    prefill_keys = 64  # keys per page-loop iteration in prefill steps
 
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
         """q [N, heads, head_dim] -> [N, heads, head_dim]; causal over each sequence's context.
 
-        A loop over pages with an online softmax: each iteration gathers ONE block per
-        sequence (small enough to stay in cache) instead of materialising every
-        sequence's whole context, which measured 3x faster on the CPU. Decode rows run
-        in groups of `decode_group`, each looping only over the pages its longest
-        context needs: with rows sorted by length, the work follows the tokens stored,
-        not batch size x the longest context.
+        A loop over pages with an online softmax: each iteration gathers one block per
+        query tile (small enough to stay in cache) instead of materialising every
+        sequence's whole context, which measured 3x faster on the CPU. Tiles run in
+        groups (input_builder sorts them, longest reach first), each group looping only
+        over the pages its first tile needs: the work follows the tokens stored, not
+        rows x the longest context.
         """
+        from .input_builder import TILE_GROUP
         N, H, D = q.shape
-        B, Q = meta.query_grid.shape
-        KV = k_pool.shape[3]
-        qg = jnp.take(q, meta.query_grid, axis=0, mode="fill", fill_value=0)  # [B, Q, H, D]
-        qg = (qg.reshape(B, Q, KV, H // KV, D) * scale).astype(jnp.float32)
-        q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
-        q_pos = (meta.context_lens - q_lens)[:, None] + jnp.arange(Q)[None, :]  # [B, Q]
-        limit = jnp.minimum(q_pos, meta.context_lens[:, None] - 1)  # last key each query sees
-        rows = self.decode_group if Q == 1 and B % self.decode_group == 0 else B
+        R, Q = meta.query_grid.shape
+        block_size, KV = k_pool.shape[2], k_pool.shape[3]
+        qg = jnp.take(q, meta.query_grid, axis=0, mode="fill", fill_value=0)  # [R, Q, H, D]
+        qg = (qg.reshape(R, Q, KV, H // KV, D) * scale).astype(jnp.float32)
+        # The last key each query sees is its own position; padding sees none.
+        limit = jnp.take(meta.positions, meta.query_grid, mode="fill", fill_value=-1)  # [R, Q]
+        tables = meta.block_tables[meta.tile_seq]  # [R, P]
+        group = self.decode_group if Q == 1 else TILE_GROUP
+        rows = group if R % group == 0 else R
+        chunk = 1 if Q == 1 else max(1, self.prefill_keys // block_size)  # pages per iteration
+        pad = -tables.shape[1] % chunk
+        tables = jnp.pad(tables, ((0, 0), (0, pad)))  # whole chunks: dynamic_slice must not clamp
         o = jnp.concatenate([
-            _page_loop(qg[r:r + rows], k_pool, v_pool, layer, meta.block_tables[r:r + rows],
-                       meta.context_lens[r:r + rows], limit[r:r + rows])
-            for r in range(0, B, rows)])
-        o = o.transpose(0, 3, 1, 2, 4).reshape(B * Q, H, D)
+            _page_loop(qg[r:r + rows], k_pool, v_pool, layer, tables[r:r + rows],
+                       limit[r:r + rows], chunk)
+            for r in range(0, R, rows)])  # [R, KV, G, Q, D]
+        o = o.transpose(0, 3, 1, 2, 4).reshape(R * Q, H, D)
         return o[meta.grid_index].astype(q.dtype)
 
 
-def _page_loop(qg, k_pool, v_pool, layer, block_tables, context_lens, limit):
-    """Online-softmax attention of qg [B, Q, KV, G, D] over the pages of each row."""
-    B, Q, KV, G, D = qg.shape
+def _page_loop(qg, k_pool, v_pool, layer, block_tables, limit, chunk):
+    """Online-softmax attention of qg [R, Q, KV, G, D] over `chunk` pages per iteration."""
+    R, Q, KV, G, D = qg.shape
     block_size = k_pool.shape[2]
-    num_pages = (jnp.max(context_lens) + block_size - 1) // block_size
+    keys = chunk * block_size
+    num_iters = (jnp.max(limit) + keys) // keys
+    qt = qg.transpose(0, 2, 3, 1, 4).reshape(R, KV, G * Q, D)  # once, outside the loop
 
-    def body(p, carry):
+    def body(i, carry):
         m, l, acc = carry
-        blocks = block_tables[:, p]
+        blocks = jax.lax.dynamic_slice_in_dim(block_tables, i * chunk, chunk, axis=1)  # [R, chunk]
         # Upcast after the gather: XLA's CPU dots are slow on small bfloat16 operands.
-        k = k_pool[layer, blocks].astype(jnp.float32)  # [B, block_size, KV, D]
-        v = v_pool[layer, blocks].astype(jnp.float32)
-        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k)
-        key_pos = p * block_size + jnp.arange(block_size)
-        visible = key_pos[None, None, :] <= limit[:, :, None]  # [B, Q, block_size]
-        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        k = k_pool[layer, blocks].reshape(R, keys, KV, D).astype(jnp.float32)
+        v = v_pool[layer, blocks].reshape(R, keys, KV, D).astype(jnp.float32)
+        s = jnp.einsum("rkmd,rskd->rkms", qt, k)  # m = g * Q + q
+        key_pos = i * keys + jnp.arange(keys)
+        visible = key_pos[None, None, :] <= limit[:, :, None]  # [R, Q, keys]
+        visible = jnp.broadcast_to(visible[:, None, None], (R, 1, G, Q, keys)).reshape(R, 1, G * Q, keys)
+        s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows that saw nothing yet
         e = jnp.exp(s - m_safe[..., None])
         a = jnp.exp(m - m_safe)
-        return m_new, l * a + e.sum(-1), acc * a[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", e, v)
+        return m_new, l * a + e.sum(-1), acc * a[..., None] + jnp.einsum("rkms,rskd->rkmd", e, v)
 
-    init = (jnp.full((B, KV, G, Q), -jnp.inf), jnp.zeros((B, KV, G, Q)), jnp.zeros((B, KV, G, Q, D)))
-    _, l, acc = jax.lax.fori_loop(0, num_pages, body, init)
-    return acc / jnp.where(l == 0, 1.0, l)[..., None]  # padding rows: zeros, not NaN
+    init = (jnp.full((R, KV, G * Q), -jnp.inf), jnp.zeros((R, KV, G * Q)), jnp.zeros((R, KV, G * Q, D)))
+    _, l, acc = jax.lax.fori_loop(0, num_iters, body, init)
+    out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # padding rows: zeros, not NaN
+    return out.reshape(R, KV, G, Q, D)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,12 @@ and block tables are always `max_model_len / block_size` pages wide (attention
 loops only over the pages in use), so the jitted step compiles for a small,
 known set of shapes; `step_buckets` enumerates them for warm-up. Padding tokens
 write to slot -1 (dropped) and padding sequences have context length 0.
+
+Attention reads queries in tiles: rows of at most Q tokens of one sequence
+(`query_grid`, `tile_seq`). A decode step has one tile per sequence (Q = 1); a
+prefill step cuts each sequence's new tokens into tiles of `PREFILL_TILE`,
+sorted by how far back they attend, so no work is spent on a [sequences,
+longest prompt] grid of padding and rows that attend to few pages stop early.
 """
 from __future__ import annotations
 
@@ -24,9 +30,24 @@ class StepInputs(NamedTuple):
     block_tables: np.ndarray  # i32[B, P]
     context_lens: np.ndarray  # i32[B] tokens with K/V after this step (cached + new)
     query_start_loc: np.ndarray  # i32[B + 1] offsets of each sequence's tokens in the packed arrays
-    query_grid: np.ndarray  # i32[B, Q] packed index of query j of sequence b; N = padding
-    grid_index: np.ndarray  # i32[N] flat index b * Q + j of each packed token in the grid
+    query_grid: np.ndarray  # i32[R, Q] packed index of query j of tile r; N = padding
+    grid_index: np.ndarray  # i32[N] flat index r * Q + j of each packed token in the grid
     logits_index: np.ndarray  # i32[B] packed index of each sequence's last new token (sampled)
+    tile_seq: np.ndarray  # i32[R] sequence (row of block_tables) of each tile
+
+
+PREFILL_TILE = 32  # queries per attention tile in prefill steps
+TILE_GROUP = 16  # prefill tiles per attention loop (each loops over its own longest context)
+
+
+def num_tiles(N: int, B: int, Q: int) -> int:
+    """Rows of the query grid: decode, one per sequence; prefill, enough tiles of Q for any
+    split of N tokens among B sequences (each sequence wastes at most one partial tile),
+    rounded up to whole groups of TILE_GROUP."""
+    if Q == 1:
+        return B
+    rows = min(N // Q + B, N)
+    return rows if rows <= TILE_GROUP else -(-rows // TILE_GROUP) * TILE_GROUP
 
 
 def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
@@ -51,7 +72,7 @@ class InputBuilder:
             return B, B, 1, P
         N = bucket(batch.num_tokens, 16)
         B = bucket(num_seqs, 1)
-        Q = bucket(max(batch.num_new_tokens), 16, N)
+        Q = min(bucket(max(batch.num_new_tokens), 16, N), PREFILL_TILE)
         return N, B, Q, P
 
     def step_buckets(self) -> list[tuple[int, int, int, int]]:
@@ -63,11 +84,12 @@ class InputBuilder:
         for N in tokens:
             for B, Q, P in itertools.product(
                     sorted({bucket(b) for b in range(1, min(N, self.max_num_seqs) + 1)}),
-                    sorted({bucket(q, 16, N) for q in range(1, N + 1)}), pages):
-                # Reachable only if B sequences of at most Q tokens can fill more than
-                # N/2 tokens (N is the smallest bucket for the count), and the
-                # longest query fits in the context.
-                if (N == 16 or B * Q > N // 2) and Q <= P * self.block_size:
+                    sorted({min(bucket(q, 16, N), PREFILL_TILE) for q in range(1, N + 1)}), pages):
+                # Reachable only if B sequences, none longer than Q (or any length when
+                # Q is the tile cap), can fill more than N/2 tokens (N is the smallest
+                # bucket for the count), and the longest query fits in the context.
+                fills = Q == PREFILL_TILE or B * Q > N // 2
+                if (N == 16 or fills) and Q <= P * self.block_size:
                     out.append((N, B, Q, P))
         return out
 
@@ -75,9 +97,10 @@ class InputBuilder:
     def dummy(N: int, B: int, Q: int, P: int) -> StepInputs:
         """All-padding inputs of one bucket (warm-up): writes nothing, reads nothing."""
         z = np.zeros
+        R = num_tiles(N, B, Q)
         return StepInputs(z(N, np.int32), z(N, np.int32), np.full(N, -1, np.int32), z((B, P), np.int32),
-                          z(B, np.int32), z(B + 1, np.int32), np.full((B, Q), N, np.int32),
-                          z(N, np.int32), z(B, np.int32))
+                          z(B, np.int32), z(B + 1, np.int32), np.full((R, Q), N, np.int32),
+                          z(N, np.int32), z(B, np.int32), z(R, np.int32))
 
     def build(self, batch: ScheduledBatch) -> StepInputs:
         """Arrays for `batch`. Decode batches are first sorted by context length, longest
@@ -92,9 +115,8 @@ class InputBuilder:
         block_tables = np.zeros((B, P), np.int32)
         context_lens = np.zeros(B, np.int32)
         query_start_loc = np.zeros(B + 1, np.int32)
-        query_grid = np.full((B, Q), N, np.int32)
-        grid_index = np.zeros(N, np.int32)
         logits_index = np.zeros(B, np.int32)
+        tiles = []  # (last position, sequence row, first packed index, length)
         t = 0
         for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
@@ -105,14 +127,23 @@ class InputBuilder:
             slot_mapping[t:t + n] = table[pos // bs] * bs + pos % bs
             block_tables[b, :len(table)] = table
             context_lens[b] = start + n
-            query_grid[b, :n] = np.arange(t, t + n)
-            grid_index[t:t + n] = b * Q + np.arange(n)
+            tiles += [(start + min(j + Q, n) - 1, b, t + j, min(Q, n - j)) for j in range(0, n, Q)]
             logits_index[b] = t + n - 1
             t += n
             query_start_loc[b + 1] = t
         query_start_loc[len(batch.seqs) + 1:] = t
+        R = num_tiles(N, B, Q)
+        query_grid = np.full((R, Q), N, np.int32)
+        grid_index = np.zeros(N, np.int32)
+        tile_seq = np.zeros(R, np.int32)
+        if batch.is_prefill:  # longest reach first: a group of tiles loops as far as its first
+            tiles.sort(key=lambda tile: -tile[0])
+        for r, (_, b, first, n) in enumerate(tiles):
+            query_grid[r, :n] = np.arange(first, first + n)
+            grid_index[first:first + n] = r * Q + np.arange(n)
+            tile_seq[r] = b
         return StepInputs(token_ids, positions, slot_mapping, block_tables, context_lens,
-                          query_start_loc, query_grid, grid_index, logits_index)
+                          query_start_loc, query_grid, grid_index, logits_index, tile_seq)
 
 
 def build_sampling(batch: ScheduledBatch, num_rows: int, vocab_size: int, max_logprobs: int,

@@ -88,8 +88,7 @@ def _make_step(module):
                     mode: SamplerMode) -> tuple[SamplerOutput, tuple[jax.Array, jax.Array]]:
         """One engine step: model forward over the packed new tokens, then sampling.
         Donated: `kv_pool` (updated in place and returned). Static: `mode`."""
-        meta = AttentionMetadata(inputs.slot_mapping, inputs.block_tables, inputs.context_lens,
-                                 inputs.query_start_loc, inputs.query_grid, inputs.grid_index)
+        meta = AttentionMetadata.from_inputs(inputs)
         logits, kv_pool = module.apply({"params": params}, inputs.token_ids, inputs.positions,
                                        kv_pool, meta, inputs.logits_index)
         return sample(logits, sampling, mode), kv_pool

@@ -28,9 +28,13 @@ def _case(rng, q_lens, ctx_lens, block_size=4, KV=2, G=3, D=8, num_blocks=64, Q=
     for b, n in enumerate(q_lens):
         grid[b, :n] = np.arange(qsl[b], qsl[b] + n)
         grid_index[qsl[b]:qsl[b] + n] = b * Q + np.arange(n)
+    positions = np.zeros(N, np.int32)
+    for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
+        positions[qsl[b]:qsl[b] + n] = np.arange(c - n, c)
     meta = AttentionMetadata(jnp.full(N, -1, jnp.int32), jnp.asarray(tables),
                              jnp.asarray(list(ctx_lens) + [0], dtype=jnp.int32), jnp.asarray(qsl),
-                             jnp.asarray(grid), jnp.asarray(grid_index))
+                             jnp.asarray(grid), jnp.asarray(grid_index),
+                             jnp.arange(B + 1, dtype=jnp.int32), jnp.asarray(positions))
     q = rng.standard_normal((N, KV * G, D)).astype(dtype)
     return jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), meta, sum(q_lens)
 
