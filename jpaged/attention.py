@@ -41,21 +41,40 @@ class AttentionMetadata(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBackend:
-    """Pool layout [layers, blocks, block_size, kv_heads, head_dim] (K and V alike)."""
+    """Pool shape [layers, blocks, kv_heads, block_size, head_dim] for K and V alike.
+
+    Inside a block, V is stored [kv_heads, block_size, head_dim] and K transposed,
+    [kv_heads, head_dim, block_size] in the same bytes: both dots of a page then read
+    their operand as it lies (measured 1.2-1.6x faster than [block_size, kv_heads,
+    head_dim] pages on the CPU, where XLA transposes each gathered page otherwise).
+    Whole-block copies and swaps don't care about the order inside a block."""
     name: str = "xla"
     block_axis = 1  # axis of the pool that indexes blocks (copies and swaps use it)
 
     def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim):
-        return (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        return (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+
+    @staticmethod
+    def k_view(k_pool):
+        """The K pool as it is laid out: [layers, blocks, kv_heads, head_dim, block_size]."""
+        L, NB, KV, bs, D = k_pool.shape
+        return k_pool.reshape(L, NB, KV, D, bs)
+
+    def block_tokens(self, k_blocks, v_blocks):
+        """Whole blocks as `swap_out` returns them -> K, V [layers, tokens, kv_heads, head_dim]."""
+        L, nb, KV, bs, D = v_blocks.shape
+        k = k_blocks.reshape(L, nb, KV, D, bs).transpose(0, 1, 4, 2, 3)
+        return k.reshape(L, nb * bs, KV, D), v_blocks.transpose(0, 1, 3, 2, 4).reshape(L, nb * bs, KV, D)
 
     def write(self, k_pool, v_pool, layer, k, v, slot_mapping):
         """Scatter new K/V [N, kv_heads, head_dim] into the pool; slot -1 is dropped."""
-        _, num_blocks, block_size = k_pool.shape[:3]
+        num_blocks, block_size = k_pool.shape[1], k_pool.shape[3]
         # Negative slots would wrap around: send them past the end, where mode="drop" drops them.
         slots = jnp.where(slot_mapping < 0, num_blocks * block_size, slot_mapping)
         blocks, offsets = slots // block_size, slots % block_size
-        k_pool = k_pool.at[layer, blocks, offsets].set(k.astype(k_pool.dtype), mode="drop")
-        v_pool = v_pool.at[layer, blocks, offsets].set(v.astype(v_pool.dtype), mode="drop")
+        k_pool = self.k_view(k_pool).at[layer, blocks, :, :, offsets].set(
+            k.astype(k_pool.dtype), mode="drop").reshape(k_pool.shape)
+        v_pool = v_pool.at[layer, blocks, :, offsets].set(v.astype(v_pool.dtype), mode="drop")
         return k_pool, v_pool
 
     decode_group = 8  # decode rows per page loop (rows come sorted by context length)
@@ -74,7 +93,7 @@ class AttentionBackend:
         from .input_builder import TILE_GROUP
         N, H, D = q.shape
         R, Q = meta.query_grid.shape
-        block_size, KV = k_pool.shape[2], k_pool.shape[3]
+        KV, block_size = k_pool.shape[2], k_pool.shape[3]
         qg = jnp.take(q, meta.query_grid, axis=0, mode="fill", fill_value=0)  # [R, Q, H, D]
         qg = (qg.reshape(R, Q, KV, H // KV, D) * scale).astype(jnp.float32)
         # The last key each query sees is its own position; padding sees none.
@@ -86,7 +105,7 @@ class AttentionBackend:
         pad = -tables.shape[1] % chunk
         tables = jnp.pad(tables, ((0, 0), (0, pad)))  # whole chunks: dynamic_slice must not clamp
         o = jnp.concatenate([
-            _page_loop(qg[r:r + rows], k_pool, v_pool, layer, tables[r:r + rows],
+            _page_loop(qg[r:r + rows], self.k_view(k_pool), v_pool, layer, tables[r:r + rows],
                        limit[r:r + rows], chunk)
             for r in range(0, R, rows)])  # [R, KV, G, Q, D]
         o = o.transpose(0, 3, 1, 2, 4).reshape(R * Q, H, D)
@@ -94,9 +113,10 @@ class AttentionBackend:
 
 
 def _page_loop(qg, k_pool, v_pool, layer, block_tables, limit, chunk):
-    """Online-softmax attention of qg [R, Q, KV, G, D] over `chunk` pages per iteration."""
+    """Online-softmax attention of qg [R, Q, KV, G, D] over `chunk` pages per iteration;
+    k_pool [L, blocks, KV, D, block_size], v_pool [L, blocks, KV, block_size, D]."""
     R, Q, KV, G, D = qg.shape
-    block_size = k_pool.shape[2]
+    block_size = v_pool.shape[3]
     keys = chunk * block_size
     num_iters = (jnp.max(limit) + keys) // keys
     qt = qg.transpose(0, 2, 3, 1, 4).reshape(R, KV, G * Q, D)  # once, outside the loop
@@ -105,9 +125,9 @@ def _page_loop(qg, k_pool, v_pool, layer, block_tables, limit, chunk):
         m, l, acc = carry
         blocks = jax.lax.dynamic_slice_in_dim(block_tables, i * chunk, chunk, axis=1)  # [R, chunk]
         # Upcast after the gather: XLA's CPU dots are slow on small bfloat16 operands.
-        k = k_pool[layer, blocks].reshape(R, keys, KV, D).astype(jnp.float32)
-        v = v_pool[layer, blocks].reshape(R, keys, KV, D).astype(jnp.float32)
-        s = jnp.einsum("rkmd,rskd->rkms", qt, k)  # m = g * Q + q
+        k = k_pool[layer, blocks].astype(jnp.float32)  # [R, chunk, KV, D, block_size]
+        v = v_pool[layer, blocks].astype(jnp.float32)  # [R, chunk, KV, block_size, D]
+        s = jnp.einsum("rkmd,rckds->rkmcs", qt, k).reshape(R, KV, G * Q, keys)  # m = g * Q + q
         key_pos = i * keys + jnp.arange(keys)
         visible = key_pos[None, None, :] <= limit[:, :, None]  # [R, Q, keys]
         visible = jnp.broadcast_to(visible[:, None, None], (R, 1, G, Q, keys)).reshape(R, 1, G * Q, keys)
@@ -116,7 +136,8 @@ def _page_loop(qg, k_pool, v_pool, layer, block_tables, limit, chunk):
         m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows that saw nothing yet
         e = jnp.exp(s - m_safe[..., None])
         a = jnp.exp(m - m_safe)
-        return m_new, l * a + e.sum(-1), acc * a[..., None] + jnp.einsum("rkms,rskd->rkmd", e, v)
+        pv = jnp.einsum("rkmcs,rcksd->rkmd", e.reshape(R, KV, G * Q, chunk, block_size), v)
+        return m_new, l * a + e.sum(-1), acc * a[..., None] + pv
 
     init = (jnp.full((R, KV, G * Q), -jnp.inf), jnp.zeros((R, KV, G * Q)), jnp.zeros((R, KV, G * Q, D)))
     _, l, acc = jax.lax.fori_loop(0, num_iters, body, init)
@@ -131,15 +152,17 @@ class ReferenceBackend(AttentionBackend):
 
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
         N, H, D = q.shape
-        _, _, block_size, KV, _ = k_pool.shape
+        _, _, KV, block_size, _ = k_pool.shape
         T = meta.block_tables.shape[1] * block_size
         token = jnp.arange(N)
         seq = jnp.clip(jnp.searchsorted(meta.query_start_loc, token, side="right") - 1,
                        0, meta.context_lens.shape[0] - 1)
         q_len = meta.query_start_loc[seq + 1] - meta.query_start_loc[seq]
         pos = meta.context_lens[seq] - q_len + (token - meta.query_start_loc[seq])
-        k = k_pool[layer, meta.block_tables[seq]].reshape(N, T, KV, D).astype(jnp.float32)
-        v = v_pool[layer, meta.block_tables[seq]].reshape(N, T, KV, D).astype(jnp.float32)
+        k = self.k_view(k_pool)[layer, meta.block_tables[seq]]  # [N, P, KV, D, block_size]
+        k = k.transpose(0, 1, 4, 2, 3).reshape(N, T, KV, D).astype(jnp.float32)
+        v = v_pool[layer, meta.block_tables[seq]]  # [N, P, KV, block_size, D]
+        v = v.transpose(0, 1, 3, 2, 4).reshape(N, T, KV, D).astype(jnp.float32)
         k = jnp.repeat(k, H // KV, axis=2)
         v = jnp.repeat(v, H // KV, axis=2)
         s = jnp.einsum("nhd,nthd->nht", q.astype(jnp.float32), k) * scale
@@ -160,6 +183,10 @@ class PallasBackend(AttentionBackend):
 
     def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim):
         return (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
+
+    def block_tokens(self, k_blocks, v_blocks):
+        L, KV, nb, bs, D = k_blocks.shape
+        return tuple(x.transpose(0, 2, 3, 1, 4).reshape(L, nb * bs, KV, D) for x in (k_blocks, v_blocks))
 
     def write(self, k_pool, v_pool, layer, k, v, slot_mapping):
         from jpaged.pallas_kernels.kv_write import write_kv

@@ -9,8 +9,8 @@ from jpaged.attention import AttentionBackend, AttentionMetadata, ReferenceBacke
 def _case(rng, q_lens, ctx_lens, block_size=4, KV=2, G=3, D=8, num_blocks=64, Q=None, P=None, dtype=np.float32):
     L = 2
     B = len(q_lens)
-    k_pool = rng.standard_normal((L, num_blocks, block_size, KV, D)).astype(dtype)
-    v_pool = rng.standard_normal((L, num_blocks, block_size, KV, D)).astype(dtype)
+    k_pool = rng.standard_normal((L, num_blocks, KV, block_size, D)).astype(dtype)
+    v_pool = rng.standard_normal((L, num_blocks, KV, block_size, D)).astype(dtype)
     P = P or max(-(-c // block_size) for c in ctx_lens) + 1
     Q = Q or max(q_lens)
     N = sum(q_lens) + 3  # three padding tokens
@@ -65,8 +65,11 @@ def test_bfloat16_pool():
 
 def test_write_drops_padding_slots():
     be = AttentionBackend()
-    k_pool = jnp.zeros((2, 4, 4, 1, 2))
-    k = jnp.ones((3, 1, 2))
-    k_pool, _ = be.write(k_pool, k_pool, 1, k, k, jnp.asarray([5, -1, 15], jnp.int32))
-    written = np.argwhere(np.asarray(k_pool)[..., 0, 0] == 1)
-    assert written.tolist() == [[1, 1, 1], [1, 3, 3]]
+    pool = jnp.zeros(be.pool_shape(2, 4, 4, 1, 2))  # 2 layers, 4 blocks of 4, 1 kv head, dim 2
+    k = jnp.arange(6, dtype=jnp.float32).reshape(3, 1, 2) + 1
+    k_pool, v_pool = be.write(pool, pool, 1, k, k, jnp.asarray([5, -1, 15], jnp.int32))
+    v_written = np.argwhere(np.asarray(v_pool)[:, :, 0, :, 0] != 0)  # [layer, block, offset]
+    assert v_written.tolist() == [[1, 1, 1], [1, 3, 3]]
+    k_view = np.asarray(be.k_view(k_pool))  # [layer, block, kv head, dim, offset]
+    assert k_view[1, 1, 0, :, 1].tolist() == [1, 2] and k_view[1, 3, 0, :, 3].tolist() == [5, 6]
+    assert np.count_nonzero(k_view) == 4  # the padding token wrote nothing

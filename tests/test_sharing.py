@@ -77,14 +77,9 @@ def test_shared_block_counts_follow_the_math():
 
 
 def _kv_of(llm, seq) -> tuple[np.ndarray, np.ndarray]:
-    """K and V of `seq`'s computed tokens, [position, ...], read from the pool (the slot axis
-    follows the block axis in every backend's layout)."""
-    axis = llm.runner.backend.block_axis
-    out = []
-    for pool in llm.runner.swap_out(seq.block_table):
-        pool = np.moveaxis(pool, [axis, axis + 1], [0, 1])
-        out.append(pool.reshape(-1, *pool.shape[2:])[:seq.num_computed_tokens])
-    return tuple(out)
+    """K and V of `seq`'s computed tokens, [position, layer, kv head, dim], read from the pool."""
+    kv = llm.runner.backend.block_tokens(*llm.runner.swap_out(seq.block_table))
+    return tuple(np.moveaxis(x, 1, 0)[:seq.num_computed_tokens] for x in kv)
 
 
 def test_copy_on_write_keeps_each_sequence_kv_its_own():
