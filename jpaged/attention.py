@@ -78,7 +78,7 @@ class AttentionBackend:
         return k_pool, v_pool
 
     decode_group = 8  # decode rows per page loop (rows come sorted by context length)
-    prefill_keys = 64  # keys per page-loop iteration in prefill steps
+    loop_keys = 64  # keys per page-loop iteration (whole pages)
 
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
         """q [N, heads, head_dim] -> [N, heads, head_dim]; causal over each sequence's context.
@@ -101,7 +101,7 @@ class AttentionBackend:
         tables = meta.block_tables[meta.tile_seq]  # [R, P]
         group = self.decode_group if Q == 1 else TILE_GROUP
         rows = group if R % group == 0 else R
-        chunk = 1 if Q == 1 else max(1, self.prefill_keys // block_size)  # pages per iteration
+        chunk = max(1, self.loop_keys // block_size)  # pages per iteration
         pad = -tables.shape[1] % chunk
         tables = jnp.pad(tables, ((0, 0), (0, pad)))  # whole chunks: dynamic_slice must not clamp
         o = jnp.concatenate([
@@ -124,10 +124,12 @@ def _page_loop(qg, k_pool, v_pool, layer, block_tables, limit, chunk):
     def body(i, carry):
         m, l, acc = carry
         blocks = jax.lax.dynamic_slice_in_dim(block_tables, i * chunk, chunk, axis=1)  # [R, chunk]
-        # Upcast after the gather: XLA's CPU dots are slow on small bfloat16 operands.
-        k = k_pool[layer, blocks].astype(jnp.float32)  # [R, chunk, KV, D, block_size]
-        v = v_pool[layer, blocks].astype(jnp.float32)  # [R, chunk, KV, block_size, D]
-        s = jnp.einsum("rkmd,rckds->rkmcs", qt, k).reshape(R, KV, G * Q, keys)  # m = g * Q + q
+        # Pages side by side along the key axis: one dot over `keys` keys per row and head
+        # (measured 1.4x faster than a dot per page). Upcast after the gather: XLA's CPU
+        # dots are slow on small bfloat16 operands.
+        k = jnp.concatenate([k_pool[layer, blocks[:, j]] for j in range(chunk)], axis=-1)
+        v = jnp.concatenate([v_pool[layer, blocks[:, j]] for j in range(chunk)], axis=-2)
+        s = jnp.einsum("rkmd,rkds->rkms", qt, k.astype(jnp.float32))  # m = g * Q + q
         key_pos = i * keys + jnp.arange(keys)
         visible = key_pos[None, None, :] <= limit[:, :, None]  # [R, Q, keys]
         visible = jnp.broadcast_to(visible[:, None, None], (R, 1, G, Q, keys)).reshape(R, 1, G * Q, keys)
@@ -136,7 +138,7 @@ def _page_loop(qg, k_pool, v_pool, layer, block_tables, limit, chunk):
         m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows that saw nothing yet
         e = jnp.exp(s - m_safe[..., None])
         a = jnp.exp(m - m_safe)
-        pv = jnp.einsum("rkmcs,rcksd->rkmd", e.reshape(R, KV, G * Q, chunk, block_size), v)
+        pv = jnp.einsum("rkms,rksd->rkmd", e, v.astype(jnp.float32))
         return m_new, l * a + e.sum(-1), acc * a[..., None] + pv
 
     init = (jnp.full((R, KV, G * Q), -jnp.inf), jnp.zeros((R, KV, G * Q)), jnp.zeros((R, KV, G * Q, D)))
