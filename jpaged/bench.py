@@ -182,7 +182,7 @@ def hf_throughput(model_path, workload: list[dict[str, Any]], dtype: str, batch_
         run(batch, max(r["max_tokens"] for r in batch))
     wall_s = time.perf_counter() - start
     output_tokens = sum(r["max_tokens"] for r in workload)
-    del model
+    model = None  # free the weights before returning
     gc.collect()
     return {"hf_output_tokens_per_s": output_tokens / wall_s, "hf_wall_s": wall_s,
             "hf_load_s": load_s, "hf_batch_size": batch_size, "hf_torch_threads": torch.get_num_threads()}

@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(tp)
     tp.set_defaults(func=cmd_bench_throughput)
     # Imported here: the server and its benchmark need FastAPI/httpx, offline use does not.
-    from .bench_memory import add_bench_memory_arguments, cmd_bench_memory
+    from .bench_memory import BENCH_MEMORY_DESCRIPTION, add_bench_memory_arguments, cmd_bench_memory
     from .bench_serving import add_bench_serving_arguments, cmd_bench_serving
     from .server import add_serve_arguments, cmd_serve
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=fmt)
@@ -425,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serving_arguments(bs)
     bs.set_defaults(func=cmd_bench_serving)
     bm = bench_sub.add_parser("memory", help="KV blocks saved by sharing (the paper's section 6.3)",
-                              formatter_class=fmt)
+                              description=BENCH_MEMORY_DESCRIPTION, formatter_class=fmt)
     add_bench_memory_arguments(bm)
+    _add_engine_flags(bm)
     bm.set_defaults(func=cmd_bench_memory)
     return parser
 

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
+from . import responses as R
 from .async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .sampling_params import SamplingParams
@@ -181,10 +182,7 @@ class _App:
                                 f"tokens. However, you requested {num_prompt + max_tokens} tokens "
                                 f"({num_prompt} in the prompt, {max_tokens} in the completion)",
                            "max_tokens", "context_length_exceeded")
-        # The engine is asked for at least one top token (its logprobs=0 path fails; the
-        # formatters keep only the `logprobs` asked for).
-        kw = P.sampling_kwargs(req, max_tokens or room, None if logprobs is None else max(1, logprobs),
-                               self.vocab_size)
+        kw = R.sampling_kwargs(req, max_tokens or room, logprobs, self.vocab_size)
         try:
             return SamplingParams(**kw)
         except (ValueError, TypeError) as e:
@@ -208,7 +206,7 @@ class _App:
 
     def chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
         try:
-            convo = [{"role": m.role, "content": P.message_text(m)} for m in messages]
+            convo = [{"role": m.role, "content": R.message_text(m)} for m in messages]
             ids = self.tokenizer.apply_chat_template(convo, add_generation_prompt=add_generation_prompt,
                                                      tokenize=True, return_dict=False)
         except Exception as e:  # noqa: BLE001 - a template rejecting the chat is bad input
@@ -340,7 +338,7 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
         prompts = state.prompts(req.prompt)
         jobs = [(text, ids, state.params(req, len(ids), req.max_tokens, req.logprobs))
                 for text, ids in prompts]
-        fmt = P.CompletionFormatter(req, names[0], prompts, state.decode, state.tokenizer)
+        fmt = R.CompletionFormatter(req, names[0], prompts, state.decode, state.tokenizer)
         return await state.respond(raw, req, jobs, fmt)
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
@@ -357,7 +355,7 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(None, ids, state.params(req, len(ids), max_tokens, logprobs))]
-        fmt = P.ChatFormatter(req, names[0], [(None, ids)], state.decode, state.tokenizer)
+        fmt = R.ChatFormatter(req, names[0], [(None, ids)], state.decode, state.tokenizer)
         return await state.respond(raw, req, jobs, fmt)
 
     @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS)

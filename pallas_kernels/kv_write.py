@@ -20,7 +20,6 @@ bitcast-convert is materialized as a copy.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

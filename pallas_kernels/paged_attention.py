@@ -230,7 +230,7 @@ def paged_attention_reference(
 ) -> jax.Array:
     """Plain jnp decode attention: gather each sequence's pages, mask, softmax."""
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_pages.shape[1], k_pages.shape[3]
+    num_kv_heads = k_pages.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = num_heads // num_kv_heads
     # [kv_heads, seqs, pages, block, d] -> [seqs, kv_heads, tokens, d]

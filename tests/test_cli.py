@@ -127,14 +127,15 @@ def test_parse_bytes():
     assert parse_bytes("1.5GB") == 1_500_000_000
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["bench"], ["bench", "throughput"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["bench"], ["bench", "throughput"],
+                                     ["bench", "memory"], ["serve"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([*command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: jpaged {' '.join(command)}".rstrip() in out
-    if command in (["generate"], ["chat"], ["bench", "throughput"]):
+    if command in (["generate"], ["chat"], ["bench", "throughput"], ["bench", "memory"], ["serve"]):
         assert "--kv-cache-memory" in out and "--max-num-seqs" in out and "--engine-seed" in out
     if command in (["generate"], ["chat"]):
         assert "--max-tokens" in out and "--top-p" in out and "--stop" in out
