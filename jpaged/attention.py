@@ -83,9 +83,9 @@ class AttentionBackend:
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
         """q [N, heads, head_dim] -> [N, heads, head_dim]; causal over each sequence's context.
 
-        A loop over pages with an online softmax: each iteration gathers one block per
-        query tile (small enough to stay in cache) instead of materialising every
-        sequence's whole context, which measured 3x faster on the CPU. Tiles run in
+        A loop over pages with an online softmax: each iteration gathers `loop_keys` keys
+        (whole pages) per query tile, small enough to stay in cache, instead of
+        materialising every sequence's whole context (3x slower on the CPU). Tiles run in
         groups (input_builder sorts them, longest reach first), each group looping only
         over the pages its first tile needs: the work follows the tokens stored, not
         rows x the longest context.
