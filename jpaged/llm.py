@@ -77,9 +77,11 @@ class LLM:
             model_config = model.config
             module = model.clone(backend=backend)
             params = params.get("params", params)
+            self.model_path = None
         else:
             from jpaged.models.loader import load_config, load_params, load_tokenizer, resolve_model_path
             path = resolve_model_path(model)
+            self.model_path = str(path)  # the file or folder loaded (None: an in-memory model)
             model_config = load_config(path)
             tokenizer = tokenizer or load_tokenizer(path)
             params = load_params(path, model_config, dtype)

@@ -111,10 +111,10 @@ def _stream_doc(model) -> dict:
 def default_model_name(model) -> str:
     """The model path's stem (a folder's name); SmolLM2-135M-Instruct for the default model."""
     from .llm import LLM
-    if isinstance(model, LLM):  # its path, if the engine records one
-        model = getattr(model, "model_path", None) or DEFAULT_MODEL_NAME
-        if model == DEFAULT_MODEL_NAME:
-            return model
+    if isinstance(model, LLM):
+        if model.model_path is None:  # an in-memory model
+            return "model"
+        model = model.model_path
     if model is None:
         return DEFAULT_MODEL_NAME
     if not isinstance(model, (str, pathlib.Path)):

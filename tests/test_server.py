@@ -393,3 +393,13 @@ def test_bench_serving_runs(tiny_server, tmp_path):
     pytest.importorskip("matplotlib")
     plot_sweep(results, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_default_model_name(tiny_server):
+    """The name a server reports when not told one: the model path's stem, the embedded
+    model's own name, also when the server is handed an LLM."""
+    from jpaged.models.loader import resolve_model_path
+    from jpaged.server import DEFAULT_MODEL_NAME, default_model_name
+    assert default_model_name(None) == DEFAULT_MODEL_NAME
+    assert default_model_name(resolve_model_path(None)) == DEFAULT_MODEL_NAME
+    assert default_model_name(tiny_server.engine.llm) == "tiny"
