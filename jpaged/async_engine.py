@@ -331,15 +331,13 @@ class AsyncEngine:
         try:
             kv = dict(llm.kv_cache_stats())
             sched = llm.scheduler
-            def requests(seqs):
-                return len({id(getattr(s, "request", s)) for s in seqs})
-            swapped = [s for g in getattr(sched, "swapped", ()) or ()
-                       for s in (g if isinstance(g, (list, tuple)) else [g])]
+            def requests(seqs):  # a request's samples / beams count once
+                return len({id(s.request) for s in seqs})
+            swapped = [s for group in sched.swapped for s in group]
             snap = {"kv": kv, "num_running": requests(sched.running),
                     "num_waiting": requests(sched.waiting), "num_swapped": requests(swapped),
                     "num_requests": len(llm.requests), "stats": dict(llm.stats),
-                    "compilations": llm.num_compilations() if hasattr(llm, "num_compilations") else 0,
-                    "time": time.monotonic()}
+                    "compilations": llm.num_compilations(), "time": time.monotonic()}
         except Exception:  # noqa: BLE001 - an engine mid-change must not kill the loop
             logger.exception("could not read the engine's stats")
             return

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .input_builder import TILE_GROUP
+
 
 class AttentionMetadata(NamedTuple):
     """Device copies of the input builder's arrays that attention needs."""
@@ -61,7 +63,8 @@ class AttentionBackend:
         return k_pool.reshape(L, NB, KV, D, bs)
 
     def block_tokens(self, k_blocks, v_blocks):
-        """Whole blocks as `swap_out` returns them -> K, V [layers, tokens, kv_heads, head_dim]."""
+        """Whole blocks [X, blocks, ...] in the pool's layout (as `swap_out` returns them, X =
+        layers) -> K, V [X, tokens, kv_heads, head_dim], tokens in block order."""
         L, nb, KV, bs, D = v_blocks.shape
         k = k_blocks.reshape(L, nb, KV, D, bs).transpose(0, 1, 4, 2, 3)
         return k.reshape(L, nb * bs, KV, D), v_blocks.transpose(0, 1, 3, 2, 4).reshape(L, nb * bs, KV, D)
@@ -90,7 +93,6 @@ class AttentionBackend:
         over the pages its first tile needs: the work follows the tokens stored, not
         rows x the longest context.
         """
-        from .input_builder import TILE_GROUP
         N, H, D = q.shape
         R, Q = meta.query_grid.shape
         KV, block_size = k_pool.shape[2], k_pool.shape[3]
@@ -104,8 +106,9 @@ class AttentionBackend:
         chunk = max(1, self.loop_keys // block_size)  # pages per iteration
         pad = -tables.shape[1] % chunk
         tables = jnp.pad(tables, ((0, 0), (0, pad)))  # whole chunks: dynamic_slice must not clamp
+        k_pages = self.k_view(k_pool)
         o = jnp.concatenate([
-            _page_loop(qg[r:r + rows], self.k_view(k_pool), v_pool, layer, tables[r:r + rows],
+            _page_loop(qg[r:r + rows], k_pages, v_pool, layer, tables[r:r + rows],
                        limit[r:r + rows], chunk)
             for r in range(0, R, rows)])  # [R, KV, G, Q, D]
         o = o.transpose(0, 3, 1, 2, 4).reshape(R * Q, H, D)
@@ -161,10 +164,9 @@ class ReferenceBackend(AttentionBackend):
                        0, meta.context_lens.shape[0] - 1)
         q_len = meta.query_start_loc[seq + 1] - meta.query_start_loc[seq]
         pos = meta.context_lens[seq] - q_len + (token - meta.query_start_loc[seq])
-        k = self.k_view(k_pool)[layer, meta.block_tables[seq]]  # [N, P, KV, D, block_size]
-        k = k.transpose(0, 1, 4, 2, 3).reshape(N, T, KV, D).astype(jnp.float32)
-        v = v_pool[layer, meta.block_tables[seq]]  # [N, P, KV, block_size, D]
-        v = v.transpose(0, 1, 3, 2, 4).reshape(N, T, KV, D).astype(jnp.float32)
+        k, v = self.block_tokens(k_pool[layer, meta.block_tables[seq]],
+                                 v_pool[layer, meta.block_tables[seq]])  # [N, T, KV, D]
+        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         k = jnp.repeat(k, H // KV, axis=2)
         v = jnp.repeat(v, H // KV, axis=2)
         s = jnp.einsum("nhd,nthd->nht", q.astype(jnp.float32), k) * scale

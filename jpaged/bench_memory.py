@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 import time
 from typing import Any
+
+from .bench import _log, load_workload
 
 # The paper's reported savings (section 6.3, Fig. 15: ranges over n / width = 2..6, OPT-13B).
 PAPER_SAVINGS = {
@@ -61,11 +62,6 @@ _EXAMPLES = [
 
 def few_shot_prefix(shots: int) -> str:
     return _HEAD + "".join(f"English: {e}\nGerman: {g}\n\n" for e, g in _EXAMPLES[:shots])
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _record_steps(llm, run):
@@ -181,7 +177,6 @@ def memory_benchmark(model=None, *, workload_dir: str = "../shared/workloads",
 
     from jpaged.models.loader import resolve_model_path
 
-    from .bench import load_workload
     from .llm import LLM
 
     path = str(resolve_model_path(model))

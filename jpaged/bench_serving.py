@@ -23,13 +23,12 @@ import asyncio
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from .bench import load_workload
+from .bench import _log, load_workload
 
 WARMUP_MODES = ("full", "none")
 
@@ -199,15 +198,13 @@ def benchmark_serving(url: str, workload_path: str, rates: list[float], *, num_r
                       warmup: str = "full", quiet: bool = False, **kw) -> list[dict]:
     workload = load_workload(workload_path, num_requests)
     if warmup == "full":  # the same lengths with other token ids: compiles the step shapes
-        if not quiet:
-            print(f"warm-up: {len(workload)} requests at once (untimed) ...", file=sys.stderr, flush=True)
+        _log(f"warm-up: {len(workload)} requests at once (untimed) ...", quiet)
         asyncio.run(run_benchmark(url, workload, math.inf, variant=1, **kw))
     results = []
     for i, rate in enumerate(rates):  # each run its own prompts: none served from another's cache
         res = asyncio.run(run_benchmark(url, workload, rate, variant=i + 2, **kw))
         res["workload"] = os.path.basename(workload_path)
-        if not quiet:
-            print(format_result(res), file=sys.stderr, flush=True)
+        _log(format_result(res), quiet)
         results.append(res)
     return results
 

@@ -217,11 +217,15 @@ class Scheduler:
             self.swapped.appendleft(group)
             self.num_swap_outs += 1
             return group
-        self.running.remove(victim)
-        bm.free(victim)
-        victim.status = SequenceStatus.WAITING
-        self.waiting.appendleft(victim)
+        self._requeue(victim, 0)
         return [victim]
+
+    def _requeue(self, victim: Sequence, at: int) -> None:
+        """Recompute preemption: free `victim`'s blocks and queue it at `waiting[at]`."""
+        self.running.remove(victim)
+        self.block_manager.free(victim)
+        victim.status = SequenceStatus.WAITING
+        self.waiting.insert(at, victim)
 
     def _stalled(self) -> bool:
         """Nothing can run: every running sequence is a beam waiting for a sibling's logits,
@@ -236,11 +240,7 @@ class Scheduler:
         others = [s for s in self.running if s.request is not blocked]
         if not others:
             self._does_not_fit()
-        victim = others[-1]
-        self.running.remove(victim)
-        self.block_manager.free(victim)
-        victim.status = SequenceStatus.WAITING
-        self.waiting.insert(1 if self.waiting else 0, victim)
+        self._requeue(others[-1], 1 if self.waiting else 0)
         self.num_preemptions += 1
 
     def _does_not_fit(self):
