@@ -44,3 +44,12 @@ def test_no_compilation_after_warmup(tmp_path):
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
     assert llm.num_compilations() == before
+
+
+def test_decode_buckets_are_multiples_of_eight():
+    from jpaged.input_builder import InputBuilder, decode_bucket
+    assert [decode_bucket(n) for n in (1, 8, 9, 20, 57, 64, 65, 200, 257)] == \
+        [8, 8, 16, 24, 64, 64, 96, 224, 512]
+    ib = InputBuilder(block_size=16, max_num_seqs=64, max_num_batched_tokens=256, max_model_len=256)
+    decode = sorted(B for N, B, Q, P in ib.step_buckets() if Q == 1)
+    assert decode == list(range(8, 65, 8))  # every decode shape warm-up must compile
