@@ -135,7 +135,11 @@ def hf_throughput(model_path, workload: list[dict[str, Any]], dtype: str, batch_
     requests in workload order, left padding, greedy, each batch generating the longest
     max_tokens in it. Output tokens count only each request's own max_tokens; the time is
     the whole batches' (what a static batcher pays)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("--baseline hf runs transformers in PyTorch, which is not installed: "
+                           'pip install ".[bench]" (or torch==2.13.0 and accelerate)') from None
     from transformers import AutoModelForCausalLM
 
     from jpaged.models.loader import is_gguf, resolve_model_path

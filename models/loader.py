@@ -805,12 +805,35 @@ def load_tokenizer(path: str | os.PathLike | None):
 
 
 def _convert_gguf_tokenizer(path: pathlib.Path):
+    """transformers' own GGUF tokenizer builders, fed the metadata jpaged's GGUF parser read.
+
+    `AutoTokenizer.from_pretrained(..., gguf_file=...)` would do the same but reads the file
+    through a module that imports torch; going around it keeps torch out of the runtime
+    dependencies. tests/test_loader.py checks the two give the same tokenizer."""
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     with tqdm(total=1, desc=f"Converting tokenizer of {path.name} (once; cached after)",
               unit="file", leave=False) as bar:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        header = _gguf_header(path)
+        meta = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in header.metadata.items()}
+        groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                          if f"tokenizer.{key}" in meta}
+                  for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+        tokenizer_dict, config = groups["tokenizer"], groups["tokenizer_config"]
+        if "tokens" not in tokenizer_dict:
+            raise ValueError(f"{path} holds no tokenizer (no tokenizer.ggml.tokens)")
+        if tokenizer_dict.get("tokenizer_type") == "llama":
+            config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece files
+        tokens = tokenizer_dict["tokens"]
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            token_id = meta.get(f"tokenizer.ggml.{key}")
+            config[name] = tokens[token_id] if token_id is not None else None
+        backend, extra = convert_gguf_tokenizer(_gguf_arch(header, path), tokenizer_dict)
+        tok = TokenizersBackend(tokenizer_object=backend, **config, **extra)
         bar.update()
     return tok
 

@@ -510,3 +510,20 @@ def test_hf_folder_tokenizer(tmp_path, gguf_tokenizers):
     tok2 = loader.load_tokenizer(tmp_path)
     assert tok2("Hello there")["input_ids"] == tok("Hello there")["input_ids"]
     assert tok2.chat_template == tok.chat_template
+
+
+def test_gguf_tokenizer_without_torch(default_path, gguf_tokenizers, tmp_path):
+    """jpaged's runtime dependencies leave torch out: converting the GGUF tokenizer must not
+    import it (a subprocess where every `import torch` fails, with an empty cache)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from jpaged.models import loader\n"
+            f"tok = loader.load_tokenizer({str(default_path)!r})\n"
+            "print(tok('Hello, world!')['input_ids'])\n")
+    env = dict(os.environ, JPAGED_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == str(gguf_tokenizers[1]("Hello, world!")["input_ids"])
+    assert (tmp_path / "tokenizers").is_dir()
