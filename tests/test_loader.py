@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jpaged.models import gguf as gguf_module
 from jpaged.models import loader
 from jpaged.models.config import ModelConfig
 
@@ -295,7 +296,7 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def test_unpermute_index_inverts_llama_cpp_permutation():
     for rows, heads in [(8, 2), (576, 9), (192, 3), (64, 1)]:
         w = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
-        idx = loader._gguf_rope_unpermute_index(rows, heads)
+        idx = gguf_module.rope_unpermute_index(rows, heads)
         np.testing.assert_array_equal(llama_cpp_permute(w, heads)[idx], w)
 
 
@@ -522,8 +523,9 @@ def test_gguf_tokenizer_without_torch(default_path, gguf_tokenizers, tmp_path):
             f"tok = loader.load_tokenizer({str(default_path)!r})\n"
             "print(tok('Hello, world!')['input_ids'])\n")
     env = dict(os.environ, JPAGED_CACHE_DIR=str(tmp_path))
+    # cwd elsewhere: from the checkout, `import jpaged` would find the source tree, not the install
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == str(gguf_tokenizers[1]("Hello, world!")["input_ids"])
     assert (tmp_path / "tokenizers").is_dir()
