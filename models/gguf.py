@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import ModelConfig
 
+# `general.architecture` values we read (llama.cpp stores Mistral models as "llama").
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
 
 GGUF_MAGIC = b"GGUF"

