@@ -336,9 +336,13 @@ def build_gguf_tokenizer(path: pathlib.Path):
     through a module that imports torch; going around it keeps torch out of the runtime
     dependencies. tests/test_loader.py checks the two give the same tokenizer."""
     from tqdm.auto import tqdm
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # an older transformers layout: its own GGUF path (which needs torch)
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
     with tqdm(total=1, desc=f"Converting tokenizer of {path.name} (once; cached after)",
               unit="file", leave=False) as bar:
