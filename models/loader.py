@@ -40,7 +40,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors' numpy reader needs it)
 import numpy as np
@@ -216,8 +216,9 @@ def load_params(path: str | os.PathLike | None, config: ModelConfig,
         source.close()
 
 
-class _Source:
-    """Tensors of a checkpoint under Hugging Face names, in torch layout ([out, in])."""
+class _Source(Protocol):
+    """Tensors of a checkpoint under Hugging Face names, in torch layout ([out, in]).
+    `gguf.GGUFSource` meets it without subclassing (gguf.py does not import this module)."""
 
     names: set[str]
 
