@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .protocol import (ChatChoice, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatResponseMessage, CompletionChoice, CompletionLogprobs, CompletionResponse, TokenLogprob, TopLogprob, UsageInfo, _Sampling)
+from .protocol import (ChatChoice, ChatCompletionResponse, ChatLogprobs, ChatMessage,
+                       ChatResponseMessage, CompletionChoice, CompletionLogprobs,
+                       CompletionResponse, TokenLogprob, TopLogprob, UsageInfo, _Sampling)
 
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as in vLLM); top_p at least this
