@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _bucket(n: int) -> int:
-    return max(8, 1 << max(0, n - 1).bit_length())
+from .input_builder import bucket
 
 
 def _index(axis: int, idx):
@@ -43,7 +41,7 @@ def _scatter(pool, blocks, values, axis: int):
 
 
 def _padded(ids, fill: int) -> np.ndarray:
-    out = np.full(_bucket(len(ids)), fill, np.int32)
+    out = np.full(bucket(len(ids), 8), fill, np.int32)
     out[:len(ids)] = ids
     return out
 
@@ -67,7 +65,7 @@ def scatter_blocks(pool, blocks, values, axis: int):
     padded = []
     for v in values:
         shape = list(v.shape)
-        shape[axis] = _bucket(n)
+        shape[axis] = bucket(n, 8)
         buf = np.zeros(shape, v.dtype)
         buf[_index(axis, slice(0, n))] = v
         padded.append(buf)
