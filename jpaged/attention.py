@@ -6,14 +6,17 @@ each sequence's block table. The model calls `write` BEFORE `attend` for each
 layer, so the pool can stay in the layer scan's carry without being copied
 (DESIGN.md, last section).
 
+- `cpu`: a C++ kernel called through XLA's FFI (`cpu_attention.py`) over the `xla`
+  backend's pool; the CPU default where it compiles.
 - `xla`: pure jnp; loops over pages with an online softmax, queries laid out in
-  tiles of one sequence's tokens (see `input_builder`). The CPU default.
+  tiles of one sequence's tokens (see `input_builder`). The CPU fallback.
 - `reference`: per-token, the simplest correct version; used by tests.
 - `pallas` / `pallas-interpret`: the kernels in `jpaged.pallas_kernels`.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import NamedTuple
 
 import jax
@@ -212,7 +215,18 @@ class PallasBackend(AttentionBackend):
 
 def get_backend(name: str) -> AttentionBackend:
     if name == "auto":
-        name = "xla" if jax.default_backend() == "cpu" else "pallas"
+        name = "cpu" if jax.default_backend() == "cpu" else "pallas"
+        if name == "cpu":
+            from . import cpu_attention
+            if (reason := cpu_attention.available()) is not None:
+                logging.getLogger(__name__).warning(
+                    "the C++ CPU attention kernel is unavailable, using the slower `xla` backend: %s", reason)
+                name = "xla"
+    if name == "cpu":
+        from . import cpu_attention
+        if (reason := cpu_attention.available()) is not None:
+            raise RuntimeError(f"attention_backend='cpu' needs its C++ kernel, which failed to build: {reason}")
+        return cpu_attention.CpuBackend()
     if name == "xla":
         return AttentionBackend()
     if name == "reference":

@@ -10,7 +10,7 @@ import dataclasses
 
 GiB = 1 << 30
 
-ATTENTION_BACKENDS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
+ATTENTION_BACKENDS = ("auto", "cpu", "xla", "reference", "pallas", "pallas-interpret")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

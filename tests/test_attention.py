@@ -1,10 +1,13 @@
-"""The xla backend matches the per-token reference on random pools and batches."""
+"""The xla and cpu backends match the per-token reference on random pools and batches."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.attention import AttentionBackend, AttentionMetadata, ReferenceBackend
+from jpaged.attention import AttentionBackend, AttentionMetadata, ReferenceBackend, get_backend
+from jpaged import cpu_attention
+
+BACKENDS = ["xla", "cpu"]  # the C++ kernel builds wherever CI runs (g++): no skip
 
 
 def _case(rng, q_lens, ctx_lens, block_size=4, KV=2, G=3, D=8, num_blocks=64, Q=None, P=None, dtype=np.float32):
@@ -40,27 +43,29 @@ def _case(rng, q_lens, ctx_lens, block_size=4, KV=2, G=3, D=8, num_blocks=64, Q=
     return jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), meta, sum(q_lens)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("q_lens,ctx_lens", [
     ([1, 1, 1], [1, 17, 40]),              # decode
     ([5, 1, 12], [5, 9, 30]),              # prefill chunks with cached context, mixed
     ([16], [16]),                          # a whole prompt
     ([3, 7], [3, 7]),
 ])
-def test_xla_matches_reference(q_lens, ctx_lens):
+def test_backend_matches_reference(backend, q_lens, ctx_lens):
     rng = np.random.default_rng(0)
     q, k, v, meta, n = _case(rng, q_lens, ctx_lens)
     for layer in (0, 1):
         ref = ReferenceBackend().attend(q, k, v, layer, meta, 0.3)
-        got = AttentionBackend().attend(q, k, v, layer, meta, 0.3)
+        got = get_backend(backend).attend(q, k, v, layer, meta, 0.3)
         np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
         assert np.isfinite(np.asarray(got)).all()
 
 
-def test_bfloat16_pool():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_pool(backend):
     rng = np.random.default_rng(1)
     q, k, v, meta, n = _case(rng, [1, 4], [33, 9])
     ref = ReferenceBackend().attend(q, k, v, 0, meta, 0.3)
-    got = AttentionBackend().attend(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 0, meta, 0.3)
+    got = get_backend(backend).attend(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 0, meta, 0.3)
     np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(ref)[:n], rtol=5e-2, atol=5e-2)
 
 
@@ -80,14 +85,15 @@ def test_write_drops_padding_slots():
     ([70, 7, 130, 33, 64, 1, 90], [0, 0, 20, 5, 0, 300, 17]),  # 17 tiles: two groups of 16
     ([1, 1, 1, 1, 1, 1, 1, 1, 1], [3, 80, 0, 17, 200, 64, 5, 9, 31]),  # a decode batch
 ])
-def test_xla_on_input_builder_tiles_matches_reference(new, cached):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_on_input_builder_tiles_matches_reference(backend, new, cached):
     """The real input builder's layout (prefill tiles sorted by reach, tile groups, 64 keys
     per iteration over 4-token pages; decode rows) against the per-token reference."""
     from jpaged.input_builder import InputBuilder
     from jpaged.scheduler import ScheduledBatch
     from jpaged.sequence import Sequence
     rng = np.random.default_rng(3)
-    be, bs, KV, G, D, num_blocks = AttentionBackend(), 4, 2, 3, 8, 256
+    be, bs, KV, G, D, num_blocks = get_backend(backend), 4, 2, 3, 8, 256
     free = list(rng.permutation(num_blocks))
     seqs = []
     for n, c in zip(new, cached):
@@ -108,3 +114,46 @@ def test_xla_on_input_builder_tiles_matches_reference(new, cached):
     got = be.attend(q, k_pool, v_pool, 0, meta, 0.3)
     n = sum(new)
     np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 64), (4, 128), (8, 128), (5, 64)])
+@pytest.mark.parametrize("q_lens,ctx_lens", [
+    ([1] * 9, [1, 16, 17, 40, 200, 15, 33, 64, 65]),  # decode, page boundaries
+    ([40, 1, 7, 16], [40, 90, 7, 100]),               # prefill tiles of 8 with cached context
+])
+def test_cpu_kernel_fast_path(G, D, q_lens, ctx_lens):
+    """16-token pages and head_dim 64/128 take the kernel's register-tiled path (the generic
+    path serves the small shapes above); jitted, both layers, float32 and bfloat16 pools."""
+    rng = np.random.default_rng(G * D)
+    q, k, v, meta, n = _case(rng, q_lens, ctx_lens, block_size=16, KV=2, G=G, D=D, num_blocks=96)
+    be = get_backend("cpu")
+    attend = jax.jit(be.attend, static_argnums=(3, 5))
+    for layer in (0, 1):
+        ref = ReferenceBackend().attend(q, k, v, layer, meta, D ** -0.5)
+        got = np.asarray(attend(q, k, v, layer, meta, D ** -0.5))
+        np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
+        assert not got[n:].any()  # padding tokens: zeros
+    kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    ref = ReferenceBackend().attend(q, kb, vb, 1, meta, D ** -0.5)
+    np.testing.assert_allclose(np.asarray(attend(q, kb, vb, 1, meta, D ** -0.5))[:n],
+                               np.asarray(ref)[:n], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernel_without_a_compiler(tmp_path, monkeypatch, caplog):
+    """No compiler: `cpu` says why; `auto` warns and uses the pure-jnp backend."""
+    monkeypatch.setenv("JPAGED_CACHE_DIR", str(tmp_path))  # nothing cached: must compile
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    for f in (cpu_attention.load, cpu_attention.available):
+        f.cache_clear()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    try:
+        with pytest.raises(RuntimeError, match="C\\+\\+ kernel.*no-such-compiler"):
+            get_backend("cpu")
+        with caplog.at_level("WARNING"):
+            be = get_backend("auto")
+        assert be.name == "xla" and "no-such-compiler" in caplog.text
+    finally:
+        monkeypatch.undo()
+        for f in (cpu_attention.load, cpu_attention.available):
+            f.cache_clear()
+    assert get_backend("auto").name == "cpu"  # and back, with the real compiler

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from jpaged import LLM, SamplingParams
 
@@ -17,8 +18,10 @@ def _tiny_llm(tmp_path, **kw):
     return LLM(str(tmp_path), **args)
 
 
-def test_step_never_copies_the_pool(tmp_path):
-    llm = _tiny_llm(tmp_path, kv_cache_memory=256 << 20)
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_step_never_copies_the_pool(tmp_path, backend):
+    llm = _tiny_llm(tmp_path, kv_cache_memory=256 << 20, attention_backend=backend)
+    assert llm.runner.backend.name == backend
     from jpaged.input_builder import build_sampling
     from jpaged.scheduler import ScheduledBatch
     from jpaged.sequence import Request, Sequence
