@@ -157,3 +157,13 @@ def test_cpu_kernel_without_a_compiler(tmp_path, monkeypatch, caplog):
         for f in (cpu_attention.load, cpu_attention.available):
             f.cache_clear()
     assert get_backend("auto").name == "cpu"  # and back, with the real compiler
+
+
+def test_cpu_kernel_builds_from_source(tmp_path):
+    """The build a fresh machine does (CI's cache may already hold the library): compile
+    into an empty directory, atomically, and export the FFI handler."""
+    import ctypes
+    path = tmp_path / "kernel.so"
+    cpu_attention.build(path)
+    assert path.stat().st_size > 0 and [p.name for p in tmp_path.iterdir()] == ["kernel.so"]
+    assert ctypes.cdll.LoadLibrary(str(path)).JpagedPagedAttention  # the symbol jax.ffi registers
