@@ -7,7 +7,8 @@ the CPU, and registered with `jax.ffi` (JAX's documented way to add a CPU kernel
 Pallas has no CPU backend). Without a compiler, `auto` keeps the pure-jnp `xla` backend
 and logs why.
 
-Pool layout, writes, block copies and swaps are the `xla` backend's; only `attend` differs.
+Pool layout, writes, block copies and swaps are the `xla` backend's; only `attend` differs,
+and only for the shapes the kernel handles (`supported`).
 """
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cc"
 TARGET = "jpaged_paged_attention"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
-         "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+HEAD_DIMS = (32, 64, 96, 128, 256)  # the kernel's instantiations (head_dim / 16 vectors)
+
+
+def supported(block_size: int, head_dim: int) -> bool:
+    """Shapes the kernel handles: 16-token pages (one vector of keys) and these head dims."""
+    return block_size == 16 and head_dim in HEAD_DIMS
 
 
 class KernelBuildError(RuntimeError):
@@ -122,10 +128,13 @@ def paged_attention(q, k_pool, v_pool, layer, block_tables, context_lens, query_
 
 @dataclasses.dataclass(frozen=True)
 class CpuBackend(AttentionBackend):
-    """The C++ kernel over the `xla` backend's pool; the CPU default when it builds."""
+    """The C++ kernel over the `xla` backend's pool; the CPU default when it builds.
+    Shapes the kernel does not handle (`supported`) take the `xla` path, same pool."""
     name: str = "cpu"
 
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
+        if not supported(k_pool.shape[3], k_pool.shape[4]):
+            return super().attend(q, k_pool, v_pool, layer, meta, scale)
         out = paged_attention(q, k_pool, v_pool, layer, meta.block_tables, meta.context_lens,
                               meta.query_start_loc, scale)
         return out.astype(q.dtype)

@@ -93,7 +93,8 @@ def test_backend_on_input_builder_tiles_matches_reference(backend, new, cached):
     from jpaged.scheduler import ScheduledBatch
     from jpaged.sequence import Sequence
     rng = np.random.default_rng(3)
-    be, bs, KV, G, D, num_blocks = get_backend(backend), 4, 2, 3, 8, 256
+    be, KV, G, num_blocks = get_backend(backend), 2, 3, 256
+    bs, D = (16, 32) if backend == "cpu" else (4, 8)  # the kernel's shapes; xla: small pages
     free = list(rng.permutation(num_blocks))
     seqs = []
     for n, c in zip(new, cached):
@@ -116,27 +117,44 @@ def test_backend_on_input_builder_tiles_matches_reference(backend, new, cached):
     np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("G,D", [(3, 64), (1, 64), (4, 128), (8, 128), (5, 64)])
+def _uses_kernel(be, *args):
+    return cpu_attention.TARGET in str(jax.make_jaxpr(be.attend, static_argnums=(3, 5))(*args))
+
+
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 32), (4, 128), (8, 128), (5, 96), (2, 256)])
 @pytest.mark.parametrize("q_lens,ctx_lens", [
     ([1] * 9, [1, 16, 17, 40, 200, 15, 33, 64, 65]),  # decode, page boundaries
     ([40, 1, 7, 16], [40, 90, 7, 100]),               # prefill tiles of 8 with cached context
+    ([5, 1, 12], [5, 9, 30]),                         # mixed, short
 ])
-def test_cpu_kernel_fast_path(G, D, q_lens, ctx_lens):
-    """16-token pages and head_dim 64/128 take the kernel's register-tiled path (the generic
-    path serves the small shapes above); jitted, both layers, float32 and bfloat16 pools."""
+def test_cpu_kernel_matches_reference(G, D, q_lens, ctx_lens):
+    """The C++ kernel on every head_dim it is built for, GQA groups 1-8, jitted, both
+    layers of the pool, float32 and bfloat16 pools; padding tokens get zeros."""
     rng = np.random.default_rng(G * D)
     q, k, v, meta, n = _case(rng, q_lens, ctx_lens, block_size=16, KV=2, G=G, D=D, num_blocks=96)
     be = get_backend("cpu")
+    assert _uses_kernel(be, q, k, v, 0, meta, 0.1)
     attend = jax.jit(be.attend, static_argnums=(3, 5))
     for layer in (0, 1):
         ref = ReferenceBackend().attend(q, k, v, layer, meta, D ** -0.5)
         got = np.asarray(attend(q, k, v, layer, meta, D ** -0.5))
         np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
-        assert not got[n:].any()  # padding tokens: zeros
+        assert not got[n:].any()
     kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
     ref = ReferenceBackend().attend(q, kb, vb, 1, meta, D ** -0.5)
     np.testing.assert_allclose(np.asarray(attend(q, kb, vb, 1, meta, D ** -0.5))[:n],
                                np.asarray(ref)[:n], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_backend_other_shapes_take_the_xla_path():
+    """8-token pages or head_dim 8: not the kernel's shapes; same pool, the jnp path."""
+    rng = np.random.default_rng(5)
+    q, k, v, meta, n = _case(rng, [1, 6], [20, 6], block_size=8, D=64)
+    be = get_backend("cpu")
+    assert not _uses_kernel(be, q, k, v, 0, meta, 0.1)
+    np.testing.assert_allclose(np.asarray(be.attend(q, k, v, 0, meta, 0.1))[:n],
+                               np.asarray(ReferenceBackend().attend(q, k, v, 0, meta, 0.1))[:n],
+                               rtol=2e-5, atol=2e-5)
 
 
 def test_cpu_kernel_without_a_compiler(tmp_path, monkeypatch, caplog):

@@ -7,7 +7,9 @@
 // page loop's small fusions one after another; here each page is read once, straight from
 // the pool, by the queries (and the GQA group of heads) that need it.
 //
-// Work items are (sequence, KV head, tile of queries); the calling thread and XLA's
+// Shapes: block_size 16 (a page's keys are one vector of 16 floats) and head_dim 32, 64,
+// 96, 128 or 256; `supported()` in cpu_attention.py sends other shapes to the `xla` backend.
+// Work items are (sequence, tile of queries, KV heads); the calling thread and XLA's
 // intra-op threads take them from one atomic counter.
 #include <algorithm>
 #include <atomic>
@@ -72,14 +74,15 @@ struct Item {
   int32_t seq, first, count, head0, head1;
 };
 
-// One thread's working set, row r = (head - head0, query, group member).
+// One thread's working set; row r = (query r / G, member r % G of the KV head's group).
 struct Scratch {
-  std::vector<float> q, acc, s, m, l, k_f32, v_f32;
+  std::vector<float> q, acc, m, l, k_f32, v_f32;
   std::vector<int64_t> visible;
   void reserve(int64_t rows, int64_t D, int64_t bs) {
-    if (static_cast<int64_t>(m.size()) >= rows && static_cast<int64_t>(k_f32.size()) >= D * bs) return;
-    q.resize(rows * D); acc.resize(rows * D); s.resize(rows * bs); m.resize(rows); l.resize(rows);
-    k_f32.resize(D * bs); v_f32.resize(D * bs);
+    if (static_cast<int64_t>(m.size()) < rows) {
+      q.resize(rows * D); acc.resize(rows * D); m.resize(rows); l.resize(rows); visible.resize(rows);
+    }
+    if (static_cast<int64_t>(k_f32.size()) < D * bs) { k_f32.resize(D * bs); v_f32.resize(D * bs); }
   }
 };
 
@@ -87,112 +90,9 @@ inline void prefetch(const char* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
-template <int BS>
-void attend_item(const Problem& p, const Item& it, Scratch& sc) {
-  const int64_t D = p.head_dim, G = p.heads / p.kv_heads, bs = BS > 0 ? BS : p.block_size;
-  const int64_t heads = it.head1 - it.head0, per_head = it.count * G;  // rows per KV head
-  const int64_t rows = heads * per_head;
-  sc.reserve(rows, D, bs);
-  float* __restrict__ q = sc.q.data();
-  float* __restrict__ acc = sc.acc.data();
-  float* __restrict__ s = sc.s.data();
-  float* __restrict__ m = sc.m.data();
-  float* __restrict__ l = sc.l.data();
-  const int32_t q_start = p.query_start_loc[it.seq];
-  const int32_t q_len = p.query_start_loc[it.seq + 1] - q_start;
-  const int32_t first_pos = p.context_lens[it.seq] - q_len + it.first;  // position of query `first`
-  auto out_row = [&](float* base, int64_t r) {  // row r's [D] slice of q or out
-    const int64_t h = it.head0 + r / per_head, qi = (r % per_head) / G, g = r % G;
-    return base + ((q_start + it.first + qi) * p.heads + h * G + g) * D;
-  };
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = out_row(const_cast<float*>(p.q), r);
-    for (int64_t d = 0; d < D; ++d) q[r * D + d] = src[d] * p.scale;
-    for (int64_t d = 0; d < D; ++d) acc[r * D + d] = 0.0f;
-    m[r] = -INFINITY;
-    l[r] = 0.0f;
-  }
-  const int64_t pages = (first_pos + it.count - 1) / bs + 1;
-  const int32_t* table = p.block_tables + it.seq * p.max_pages;
-  const int64_t page_elems = D * bs, page_bytes = page_elems * p.elem_size;
-  auto page_offset = [&](int64_t page) {  // bytes to (layer, block of page, head0)
-    return ((p.layer * p.num_blocks + table[page]) * p.kv_heads + it.head0) * page_bytes;
-  };
-  for (int64_t page = 0; page < pages; ++page) {
-    const int64_t offset = page_offset(page);
-    if (page + 1 < pages) {  // the next page's heads, while this one computes
-      prefetch(p.k_pool + page_offset(page + 1), heads * page_bytes);
-      prefetch(p.v_pool + page_offset(page + 1), heads * page_bytes);
-    }
-    const int64_t key0 = page * bs;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* __restrict__ k;
-      const float* __restrict__ v;
-      if (p.elem_size == 2) {
-        const uint16_t* k16 = reinterpret_cast<const uint16_t*>(p.k_pool + offset) + h * page_elems;
-        const uint16_t* v16 = reinterpret_cast<const uint16_t*>(p.v_pool + offset) + h * page_elems;
-        for (int64_t i = 0; i < page_elems; ++i) sc.k_f32[i] = bf16_to_f32(k16[i]);
-        for (int64_t i = 0; i < page_elems; ++i) sc.v_f32[i] = bf16_to_f32(v16[i]);
-        k = sc.k_f32.data();
-        v = sc.v_f32.data();
-      } else {
-        k = reinterpret_cast<const float*>(p.k_pool + offset) + h * page_elems;
-        v = reinterpret_cast<const float*>(p.v_pool + offset) + h * page_elems;
-      }
-      const int64_t r0 = h * per_head, r1 = r0 + per_head;
-      // Scores: one head_dim step at a time, K[d] being a vector of bs keys.
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t t = 0; t < bs; ++t) s[r * bs + t] = 0.0f;
-      for (int64_t d = 0; d < D; ++d) {
-        const float* kd = k + d * bs;
-        for (int64_t r = r0; r < r1; ++r) {
-          const float qd = q[r * D + d];
-          float* sr = s + r * bs;
-          for (int64_t t = 0; t < bs; ++t) sr[t] += qd * kd[t];
-        }
-      }
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t visible = first_pos + (r % per_head) / G - key0 + 1;  // keys it sees here
-        if (visible <= 0) continue;
-        const int64_t n = visible < bs ? visible : bs;
-        float* sr = s + r * bs;
-        float mx = m[r];
-#pragma omp simd reduction(max : mx)
-        for (int64_t t = 0; t < bs; ++t) {
-          sr[t] = t < n ? sr[t] : -1e30f;  // keys past the query's position
-          mx = sr[t] > mx ? sr[t] : mx;
-        }
-        const float correction = exp_nonpositive(m[r] - mx);  // exp(-inf) = 0 at the first page
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < bs; ++t) {
-          const float e = exp_nonpositive(sr[t] - mx);
-          sr[t] = t < n ? e : 0.0f;
-          sum += sr[t];
-        }
-        m[r] = mx;
-        l[r] = l[r] * correction + sum;
-        float* a = acc + r * D;
-        for (int64_t d = 0; d < D; ++d) a[d] *= correction;
-        for (int64_t t = 0; t < n; ++t) {
-          const float e = sr[t];
-          const float* vt = v + t * D;
-          for (int64_t d = 0; d < D; ++d) a[d] += e * vt[d];
-        }
-      }
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dst = out_row(p.out, r);
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
-  }
-}
-
-// The fast path: block_size 16 (a page's keys are one vector of 16 floats) and head_dim a
-// multiple of 16 up to 128. Registers hold tiles of up to 4 rows; each row keeps two partial
-// sums of its scores and head_dim / 16 vectors of its output, so the dots are many short
-// independent chains instead of one long one.
+// Registers hold tiles of up to 4 rows; each row keeps two partial sums of its scores and
+// head_dim / 16 vectors of its output, so the dots are many short independent chains
+// instead of one long one.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
@@ -268,7 +168,7 @@ inline void page_tile(const float* q, const float* k, const float* v, const int6
 }
 
 template <int DC>
-void attend_item_fast(const Problem& p, const Item& it, Scratch& sc) {
+void attend_item(const Problem& p, const Item& it, Scratch& sc) {
   constexpr int64_t D = DC * 16, bs = 16;
   const int64_t G = p.heads / p.kv_heads, rows = it.count * G;  // row r: query r / G, member r % G
   sc.reserve(rows, D, bs);
@@ -276,8 +176,7 @@ void attend_item_fast(const Problem& p, const Item& it, Scratch& sc) {
   float* acc = sc.acc.data();
   float* m = sc.m.data();
   float* l = sc.l.data();
-  std::vector<int64_t>& visible = sc.visible;
-  visible.resize(rows);
+  int64_t* visible = sc.visible.data();
   const int32_t q_start = p.query_start_loc[it.seq];
   const int32_t q_len = p.query_start_loc[it.seq + 1] - q_start;
   const int32_t first_pos = p.context_lens[it.seq] - q_len + it.first;
@@ -355,10 +254,13 @@ struct Work {
     std::unique_ptr<Scratch> scratch;
     for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
       if (!scratch) scratch = std::make_unique<Scratch>();
-      const int64_t D = problem.head_dim;
-      if (problem.block_size == 16 && D == 64) attend_item_fast<4>(problem, items[i], *scratch);
-      else if (problem.block_size == 16 && D == 128) attend_item_fast<8>(problem, items[i], *scratch);
-      else attend_item<0>(problem, items[i], *scratch);
+      switch (problem.head_dim) {
+        case 32: attend_item<2>(problem, items[i], *scratch); break;
+        case 64: attend_item<4>(problem, items[i], *scratch); break;
+        case 96: attend_item<6>(problem, items[i], *scratch); break;
+        case 128: attend_item<8>(problem, items[i], *scratch); break;
+        default: attend_item<16>(problem, items[i], *scratch); break;  // 256, checked
+      }
       if (done.fetch_add(1) + 1 == total) {
         std::lock_guard<std::mutex> lock(mu);
         cv.notify_all();
@@ -399,6 +301,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   p.out = out->typed_data();
   if (qd[2] != p.head_dim || p.heads % p.kv_heads)
     return ffi::Error::InvalidArgument("paged attention: q's heads or head_dim do not match the pool");
+  if (p.block_size != 16 || (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 96 &&
+                             p.head_dim != 128 && p.head_dim != 256))
+    return ffi::Error::InvalidArgument("paged attention: needs block_size 16 and head_dim 32/64/96/128/256");
   std::memset(p.out, 0, sizeof(float) * qd[0] * qd[1] * qd[2]);  // padding tokens: zeros
 
   auto work = std::make_shared<Work>();
