@@ -1,9 +1,8 @@
 """The `cpu` attention backend: `csrc/paged_attention_cpu.cc` as an XLA FFI custom call.
 
 The kernel is compiled on first use with the system's C++ compiler for this machine's
-CPU (`-march=native`), cached under `$JPAGED_CACHE_DIR` (default
-`$XDG_CACHE_HOME/jpaged`, `~/.cache/jpaged`) by a hash of the source, the compiler flags, the jaxlib version and
-the CPU, and registered with `jax.ffi` (JAX's documented way to add a CPU kernel to XLA;
+CPU (`-march=native`), cached in `models.loader.cache_root()` by a hash of the source,
+the compiler flags, the jaxlib version and the CPU, and registered with `jax.ffi` (JAX's documented way to add a CPU kernel to XLA;
 Pallas has no CPU backend). Without a compiler, `auto` keeps the pure-jnp `xla` backend
 and logs why.
 
@@ -27,6 +26,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jpaged.models.loader import cache_root
 
 from .attention import AttentionBackend, AttentionMetadata
 
@@ -57,18 +58,11 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def cache_dir() -> Path:
-    if os.environ.get("JPAGED_CACHE_DIR"):
-        return Path(os.environ["JPAGED_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "jpaged"
-
-
 def library_path() -> Path:
     import jaxlib
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), jaxlib.__version__,
                                     _cpu_id()]).encode()).hexdigest()[:16]
-    return cache_dir() / f"paged_attention_cpu-{key}.so"
+    return cache_root() / f"paged_attention_cpu-{key}.so"
 
 
 def build(path: Path) -> None:

@@ -6,7 +6,6 @@ place; `step_memory_analysis` lets a test prove the step never copies it.
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +109,8 @@ def enable_compilation_cache(path: str | None) -> None:
     """XLA's persistent cache: a restart loads compiled steps instead of compiling."""
     if path == "":
         return
-    path = path or os.path.join(os.environ.get("JPAGED_CACHE_DIR", os.path.expanduser("~/.cache/jpaged")), "xla")
+    from jpaged.models.loader import cache_root
+    path = path or str(cache_root() / "xla")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

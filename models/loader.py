@@ -443,8 +443,12 @@ def _run_tasks(tasks: list[Callable[[], None]], desc: str) -> None:
 # Tokenizer
 # --------------------------------------------------------------------------------------
 
-def _cache_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("JPAGED_CACHE_DIR") or "~/.cache/jpaged").expanduser()
+def cache_root() -> pathlib.Path:
+    """Where jpaged keeps what it builds once per machine (tokenizers, compiled steps, the CPU
+    kernel): $JPAGED_CACHE_DIR, else $XDG_CACHE_HOME/jpaged, else ~/.cache/jpaged."""
+    if os.environ.get("JPAGED_CACHE_DIR"):
+        return pathlib.Path(os.environ["JPAGED_CACHE_DIR"]).expanduser()
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "jpaged"
 
 
 def tokenizer_cache_dir(gguf_path: str | os.PathLike) -> pathlib.Path:
@@ -456,7 +460,7 @@ def tokenizer_cache_dir(gguf_path: str | os.PathLike) -> pathlib.Path:
     key = f"{path.name}|{st.st_size}|{st.st_mtime_ns}|transformers-{transformers.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80]
-    return _cache_root() / "tokenizers" / f"{stem}-{digest}"
+    return cache_root() / "tokenizers" / f"{stem}-{digest}"
 
 
 _CACHE_DONE = ".jpaged-complete"
@@ -466,8 +470,7 @@ def load_tokenizer(path: str | os.PathLike | None):
     """The tokenizer of a HF folder, or of a GGUF file (converted once, then cached).
 
     Converting a GGUF vocabulary with transformers takes seconds, so the result is
-    saved with ``save_pretrained`` under ``$JPAGED_CACHE_DIR`` (default
-    ``~/.cache/jpaged``)``/tokenizers/`` and loaded from there afterwards.
+    saved with ``save_pretrained`` under ``cache_root()/tokenizers/`` and loaded from there afterwards.
     """
     from transformers import AutoTokenizer
 
