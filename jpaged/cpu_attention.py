@@ -2,9 +2,9 @@
 
 The kernel is compiled on first use with the system's C++ compiler for this machine's
 CPU (`-march=native`), cached in `models.loader.cache_root()` by a hash of the source,
-the compiler flags, the jaxlib version and the CPU, and registered with `jax.ffi` (JAX's documented way to add a CPU kernel to XLA;
-Pallas has no CPU backend). Without a compiler, `auto` keeps the pure-jnp `xla` backend
-and logs why.
+the compiler flags, the jaxlib version and the CPU, and registered with `jax.ffi` (JAX's
+documented way to add a CPU kernel to XLA; Pallas has no CPU backend). Without a
+compiler, `auto` keeps the pure-jnp `xla` backend and logs why.
 
 Pool layout, writes, block copies and swaps are the `xla` backend's; only `attend` differs,
 and only for the shapes the kernel handles (`supported`).

@@ -185,3 +185,20 @@ def test_cpu_kernel_builds_from_source(tmp_path):
     cpu_attention.build(path)
     assert path.stat().st_size > 0 and [p.name for p in tmp_path.iterdir()] == ["kernel.so"]
     assert ctypes.cdll.LoadLibrary(str(path)).JpagedPagedAttention  # the symbol jax.ffi registers
+
+
+def test_cpu_kernel_ignores_stale_slots():
+    """Slots past a sequence's context in its last page may hold anything a previous owner
+    left, even NaN: weights of zero must not let it through."""
+    rng = np.random.default_rng(7)
+    q, k, v, meta, n = _case(rng, [1, 3], [20, 35], block_size=16, D=64)
+    tables = np.asarray(meta.block_tables)
+    k, v = np.array(k), np.array(v)  # writable copies, [L, blocks, KV, bs, D]
+    for b, c in enumerate([20, 35]):
+        last = tables[b, (c - 1) // 16]
+        v[:, last, :, c % 16:] = np.nan  # V rows of the unused slots (K is stored transposed)
+        k.reshape(k.shape[:3] + (64, 16))[:, last, :, :, c % 16:] = np.nan
+    ref = ReferenceBackend().attend(q, jnp.nan_to_num(k), jnp.nan_to_num(v), 0, meta, 0.125)
+    got = np.asarray(get_backend("cpu").attend(q, jnp.asarray(k), jnp.asarray(v), 0, meta, 0.125))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)

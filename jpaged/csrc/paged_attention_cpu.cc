@@ -158,7 +158,11 @@ inline void page_tile(const float* q, const float* k, const float* v, const int6
   v16 a[R][DC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < DC; ++c) a[r][c] = load16(acc + r * D + c * 16) * correction[r];
-  for (int t = 0; t < 16; ++t)
+  // Only keys some row sees: the rest of a page may hold stale values (even NaN) that a
+  // zero weight would not cancel.
+  int64_t keys = 0;
+  for (int r = 0; r < R; ++r) keys = std::max(keys, visible[r]);
+  for (int t = 0; t < keys; ++t)
     for (int c = 0; c < DC; ++c) {
       const v16 vt = load16(v + t * D + c * 16);
       for (int r = 0; r < R; ++r) a[r][c] += e[r][t] * vt;
