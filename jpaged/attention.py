@@ -216,12 +216,11 @@ class PallasBackend(AttentionBackend):
 def get_backend(name: str) -> AttentionBackend:
     if name == "auto":
         name = "cpu" if jax.default_backend() == "cpu" else "pallas"
-        if name == "cpu":
-            from . import cpu_attention
-            if (reason := cpu_attention.available()) is not None:
-                logging.getLogger(__name__).warning(
-                    "the C++ CPU attention kernel is unavailable, using the slower `xla` backend: %s", reason)
-                name = "xla"
+        from . import cpu_attention
+        if name == "cpu" and (reason := cpu_attention.available()) is not None:
+            logging.getLogger(__name__).warning(
+                "the C++ CPU attention kernel is unavailable, using the slower `xla` backend: %s", reason)
+            name = "xla"
     if name == "cpu":
         from . import cpu_attention
         if (reason := cpu_attention.available()) is not None:

@@ -6,7 +6,6 @@ place; `step_memory_analysis` lets a test prove the step never copies it.
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

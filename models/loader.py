@@ -470,7 +470,8 @@ def load_tokenizer(path: str | os.PathLike | None):
     """The tokenizer of a HF folder, or of a GGUF file (converted once, then cached).
 
     Converting a GGUF vocabulary with transformers takes seconds, so the result is
-    saved with ``save_pretrained`` under ``cache_root()/tokenizers/`` and loaded from there afterwards.
+    saved with ``save_pretrained`` under ``cache_root()/tokenizers/`` and loaded from there
+    afterwards.
     """
     from transformers import AutoTokenizer
 
