@@ -92,8 +92,12 @@ def load() -> None:
     """Build (once per machine) and register the kernel; raises KernelBuildError."""
     path = library_path()
     if not path.exists():
+        from tqdm.auto import tqdm
         log.info("compiling the CPU paged-attention kernel to %s", path)
-        build(path)
+        with tqdm(total=1, desc="Compiling the CPU attention kernel (once; cached after)",
+                  unit="file", leave=False) as bar:
+            build(path)
+            bar.update()
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedPagedAttention), platform="cpu")
 
