@@ -29,25 +29,6 @@ namespace {
 
 constexpr int kTileQueries = 8;  // queries of one sequence per work item
 
-// exp for x <= 0 (scores minus their running max), vectorizable: 2^n * p(r), |r| <= ln2/2,
-// n rounded with the 1.5 * 2^23 trick (std::nearbyint keeps loops scalar).
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
@@ -99,7 +80,9 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 inline v16 load16(const float* p) { v16 x; std::memcpy(&x, p, sizeof(x)); return x; }
 inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
 
-inline v16 exp16(v16 x) {  // exp_nonpositive on 16 lanes
+// exp for x <= 0 (scores minus their running max): 2^n * p(r), |r| <= ln2/2, n rounded
+// with the 1.5 * 2^23 trick (std::nearbyint would keep it scalar).
+inline v16 exp16(v16 x) {
   x = x < -87.0f ? v16{} - 87.0f : x;
   const v16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
   const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -150,7 +133,7 @@ inline void page_tile(const float* q, const float* k, const float* v, const int6
     const v16 sr = seen > 0.0f ? s[r][0] + s[r][1] : v16{} - 1e30f;
     const float mx = std::max(m[r], hmax(sr));
     const v16 er = exp16(sr - mx) * seen;
-    correction[r] = exp_nonpositive(m[r] - mx);  // exp(-inf) = 0 at the first page
+    correction[r] = exp16(v16{} + (m[r] - mx))[0];  // exp(-inf) = 0 at the first page
     l[r] = l[r] * correction[r] + hsum(er);
     m[r] = mx;
     store16(e[r], er);
