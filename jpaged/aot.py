@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the engine's whole step from abstract shapes.
 
-The step the engine runs (`model_runner._make_step`: embed -> layer scan with
+The step the engine runs (`model_runner._make_step`: embed -> the layers, with
 the attention backend reading/writing the pool -> logits -> sampling) can be
 traced from `jax.ShapeDtypeStruct`s alone: no weights, no pool, no device.
 This module builds those specs for a `ModelConfig` and a bucket, and compiles
@@ -282,8 +282,8 @@ def compile_step(config: ModelConfig, bucket: Bucket, gpu: str | None = None, *,
 #
 # A deviceless executable has no cost analysis (`compiled.cost_analysis()` is None:
 # "GetCostAnalysis is not supported"), and XLA's HloCostAnalysis, wherever it runs,
-# (1) counts a while loop's body once, whatever its trip count (the layer scan is one
-# such loop), (2) counts an in-place scatter into the pool as reading and writing the
+# (1) counts a while loop's body once, whatever its trip count (a page loop, or a layer
+# scan in other models), (2) counts an in-place scatter into the pool as reading and writing the
 # whole pool, and (3) knows nothing of custom calls (a Pallas kernel counts -1).
 # `step_cost` runs XLA's HloCostAnalysis over the optimized HLO text and corrects all
 # three: loops times their known trip count, pool-shaped buffers taken out (by

@@ -103,9 +103,16 @@ _ERRORS = {status: {"model": P.ErrorResponse, "description": desc} for status, d
             (413, "request body too large"), (500, "server error"), (503, "engine not running")]}
 
 
+# One server-sent event as OpenAPI (before 3.2) documents a text/event-stream: each
+# `data` is a JSON chunk, the last one `[DONE]`.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                             "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
 def _stream_doc(model) -> dict:
     return {200: {"model": model, "description": "JSON, or server-sent events when stream=true",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_ERRORS}
+                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}}, **_ERRORS}
 
 
 def default_model_name(model) -> str:

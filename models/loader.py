@@ -349,21 +349,22 @@ def _assemble(source: _Source, config: ModelConfig, dtype: np.dtype, label: str)
     L, D, V, F = config.num_layers, config.hidden_size, config.vocab_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     qkv_w = q + 2 * kv
+    layers = [{
+        "attn_norm": {"scale": np.empty((D,), dtype)},
+        "qkv_proj": {"kernel": np.empty((D, qkv_w), dtype)},
+        "o_proj": {"kernel": np.empty((q, D), dtype)},
+        "mlp_norm": {"scale": np.empty((D,), dtype)},
+        "gate_up_proj": {"kernel": np.empty((D, 2 * F), dtype)},
+        "down_proj": {"kernel": np.empty((F, D), dtype)},
+    } for _ in range(L)]
+    if config.attention_bias:
+        for layer in layers:
+            layer["qkv_proj"]["bias"] = np.empty((qkv_w,), dtype)
     params: dict[str, Any] = {
         "embed_tokens": {"embedding": np.empty((V, D), dtype)},
-        "layers": {
-            "attn_norm": {"scale": np.empty((L, D), dtype)},
-            "qkv_proj": {"kernel": np.empty((L, D, qkv_w), dtype)},
-            "o_proj": {"kernel": np.empty((L, q, D), dtype)},
-            "mlp_norm": {"scale": np.empty((L, D), dtype)},
-            "gate_up_proj": {"kernel": np.empty((L, D, 2 * F), dtype)},
-            "down_proj": {"kernel": np.empty((L, F, D), dtype)},
-        },
+        **{f"layers_{i}": layer for i, layer in enumerate(layers)},
         "norm": {"scale": np.empty((D,), dtype)},
     }
-    layers = params["layers"]
-    if config.attention_bias:
-        layers["qkv_proj"]["bias"] = np.empty((L, qkv_w), dtype)
     if not config.tie_word_embeddings:
         params["lm_head"] = {"kernel": np.empty((D, V), dtype)}
 
@@ -387,26 +388,26 @@ def _assemble(source: _Source, config: ModelConfig, dtype: np.dtype, label: str)
     tasks.append(norm)
 
     def attention(i):
-        p = f"{prefix}layers.{i}."
-        layers["attn_norm"]["scale"][i] = get(p + "input_layernorm.weight")
-        k = layers["qkv_proj"]["kernel"]
-        k[i, :, :q] = get(p + "self_attn.q_proj.weight").T
-        k[i, :, q:q + kv] = get(p + "self_attn.k_proj.weight").T
-        k[i, :, q + kv:] = get(p + "self_attn.v_proj.weight").T
+        p, layer = f"{prefix}layers.{i}.", layers[i]
+        layer["attn_norm"]["scale"][...] = get(p + "input_layernorm.weight")
+        k = layer["qkv_proj"]["kernel"]
+        k[:, :q] = get(p + "self_attn.q_proj.weight").T
+        k[:, q:q + kv] = get(p + "self_attn.k_proj.weight").T
+        k[:, q + kv:] = get(p + "self_attn.v_proj.weight").T
         if config.attention_bias:
-            bias = layers["qkv_proj"]["bias"]
-            bias[i, :q] = get(p + "self_attn.q_proj.bias")
-            bias[i, q:q + kv] = get(p + "self_attn.k_proj.bias")
-            bias[i, q + kv:] = get(p + "self_attn.v_proj.bias")
-        layers["o_proj"]["kernel"][i] = get(p + "self_attn.o_proj.weight").T
+            bias = layer["qkv_proj"]["bias"]
+            bias[:q] = get(p + "self_attn.q_proj.bias")
+            bias[q:q + kv] = get(p + "self_attn.k_proj.bias")
+            bias[q + kv:] = get(p + "self_attn.v_proj.bias")
+        layer["o_proj"]["kernel"][...] = get(p + "self_attn.o_proj.weight").T
 
     def mlp(i):
-        p = f"{prefix}layers.{i}."
-        layers["mlp_norm"]["scale"][i] = get(p + "post_attention_layernorm.weight")
-        gu = layers["gate_up_proj"]["kernel"]
-        gu[i, :, :F] = get(p + "mlp.gate_proj.weight").T
-        gu[i, :, F:] = get(p + "mlp.up_proj.weight").T
-        layers["down_proj"]["kernel"][i] = get(p + "mlp.down_proj.weight").T
+        p, layer = f"{prefix}layers.{i}.", layers[i]
+        layer["mlp_norm"]["scale"][...] = get(p + "post_attention_layernorm.weight")
+        gu = layer["gate_up_proj"]["kernel"]
+        gu[:, :F] = get(p + "mlp.gate_proj.weight").T
+        gu[:, F:] = get(p + "mlp.up_proj.weight").T
+        layer["down_proj"]["kernel"][...] = get(p + "mlp.down_proj.weight").T
 
     for i in range(L):
         tasks.append(functools.partial(attention, i))

@@ -38,22 +38,24 @@ def expected_tree(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
         layer("self_attn.v_proj.weight"))]
     gate_up = [np.concatenate([g.T, u.T], axis=1)
                for g, u in zip(layer("mlp.gate_proj.weight"), layer("mlp.up_proj.weight"))]
+    o_proj, down = layer("self_attn.o_proj.weight"), layer("mlp.down_proj.weight")
+    attn_norm, mlp_norm = layer("input_layernorm.weight"), layer("post_attention_layernorm.weight")
     tree = {
         "embed_tokens": {"embedding": sd["model.embed_tokens.weight"]},
-        "layers": {
-            "attn_norm": {"scale": np.stack(layer("input_layernorm.weight"))},
-            "qkv_proj": {"kernel": np.stack(qkv)},
-            "o_proj": {"kernel": np.stack([w.T for w in layer("self_attn.o_proj.weight")])},
-            "mlp_norm": {"scale": np.stack(layer("post_attention_layernorm.weight"))},
-            "gate_up_proj": {"kernel": np.stack(gate_up)},
-            "down_proj": {"kernel": np.stack([w.T for w in layer("mlp.down_proj.weight")])},
-        },
+        **{f"layers_{i}": {
+            "attn_norm": {"scale": attn_norm[i]},
+            "qkv_proj": {"kernel": qkv[i]},
+            "o_proj": {"kernel": o_proj[i].T},
+            "mlp_norm": {"scale": mlp_norm[i]},
+            "gate_up_proj": {"kernel": gate_up[i]},
+            "down_proj": {"kernel": down[i].T},
+        } for i in range(L)},
         "norm": {"scale": sd["model.norm.weight"]},
     }
     if cfg.attention_bias:
-        tree["layers"]["qkv_proj"]["bias"] = np.stack([np.concatenate([q, k, v]) for q, k, v in zip(
-            layer("self_attn.q_proj.bias"), layer("self_attn.k_proj.bias"),
-            layer("self_attn.v_proj.bias"))])
+        for i, (q, k, v) in enumerate(zip(layer("self_attn.q_proj.bias"), layer("self_attn.k_proj.bias"),
+                                          layer("self_attn.v_proj.bias"))):
+            tree[f"layers_{i}"]["qkv_proj"]["bias"] = np.concatenate([q, k, v])
     if not cfg.tie_word_embeddings:
         tree["lm_head"] = {"kernel": sd["lm_head.weight"].T}
     return tree
@@ -256,7 +258,7 @@ def test_tiny_hf_models(kind, tmp_path):
     sd = torch_state_dict(model)
     assert_trees_equal(params, expected_tree(sd, cfg))
     assert ("lm_head" in params) == (not cfg.tie_word_embeddings)
-    assert ("bias" in params["layers"]["qkv_proj"]) == (kind == "qwen2_bias")
+    assert ("bias" in params["layers_0"]["qkv_proj"]) == (kind == "qwen2_bias")
 
 
 def test_tiny_sharded_bfloat16_checkpoint(tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Roofline of the engine's decode step on A100 / H100, from compiled programs.
 
-Compiles the engine's whole jitted decode step (embed -> layer scan with the
+Compiles the engine's whole jitted decode step (embed -> the layers, with the
 Pallas kernels reading/writing the paged pool -> logits -> greedy sampling)
 deviceless for each GPU, for SmolLM2-135M (the default model) and a
 Llama-2-7B-shaped config, bfloat16, every sequence at `--context` tokens, and
@@ -21,7 +21,7 @@ prints a Markdown table:
 These are ESTIMATES FROM COMPILED PROGRAMS, NOT MEASUREMENTS. How they are read
 (jpaged/aot.py, `step_cost`): a deviceless executable has no cost analysis
 (`compiled.cost_analysis()` is None), so XLA's HloCostAnalysis is run over the
-optimized HLO, with the layer loop counted `num_layers` times, the pool-shaped
+optimized HLO, with every loop counted as many times as it runs, the pool-shaped
 buffers taken out (XLA would count each in-place scatter as a whole-pool
 read + write), and the Pallas kernel (opaque to XLA) added from a model of
 its tiles. Deviceless compiles do no autotuning, and launch overheads, cache
