@@ -214,18 +214,18 @@ class PallasBackend(AttentionBackend):
 
 
 def get_backend(name: str) -> AttentionBackend:
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         name = "cpu" if jax.default_backend() == "cpu" else "pallas"
-        from . import cpu_attention
-        if name == "cpu" and (reason := cpu_attention.available()) is not None:
-            logging.getLogger(__name__).warning(
-                "the C++ CPU attention kernel is unavailable, using the slower `xla` backend: %s", reason)
-            name = "xla"
     if name == "cpu":
         from . import cpu_attention
-        if (reason := cpu_attention.available()) is not None:
+        if (reason := cpu_attention.available()) is None:
+            return cpu_attention.CpuBackend()
+        if not auto:
             raise RuntimeError(f"attention_backend='cpu' needs its C++ kernel, which failed to build: {reason}")
-        return cpu_attention.CpuBackend()
+        logging.getLogger(__name__).warning(
+            "the C++ CPU attention kernel is unavailable, using the slower `xla` backend: %s", reason)
+        name = "xla"
     if name == "xla":
         return AttentionBackend()
     if name == "reference":
