@@ -138,13 +138,15 @@ def _page_loop(qg, k_pool, v_pool, layer, block_tables, limit, chunk):
         s = jnp.einsum("rkmd,rkds->rkms", qt, k.astype(jnp.float32))  # m = g * Q + q
         key_pos = i * keys + jnp.arange(keys)
         visible = key_pos[None, None, :] <= limit[:, :, None]  # [R, Q, keys]
+        # Keys no query sees may be stale, even NaN, which a zero weight would not cancel.
+        v = jnp.where(visible.any(1)[:, None, :, None], v.astype(jnp.float32), 0.0)
         visible = jnp.broadcast_to(visible[:, None, None], (R, 1, G, Q, keys)).reshape(R, 1, G * Q, keys)
         s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows that saw nothing yet
         e = jnp.exp(s - m_safe[..., None])
         a = jnp.exp(m - m_safe)
-        pv = jnp.einsum("rkms,rksd->rkmd", e, v.astype(jnp.float32))
+        pv = jnp.einsum("rkms,rksd->rkmd", e, v)
         return m_new, l * a + e.sum(-1), acc * a[..., None] + pv
 
     init = (jnp.full((R, KV, G * Q), -jnp.inf), jnp.zeros((R, KV, G * Q)), jnp.zeros((R, KV, G * Q, D)))
@@ -169,11 +171,12 @@ class ReferenceBackend(AttentionBackend):
         pos = meta.context_lens[seq] - q_len + (token - meta.query_start_loc[seq])
         k, v = self.block_tokens(k_pool[layer, meta.block_tables[seq]],
                                  v_pool[layer, meta.block_tables[seq]])  # [N, T, KV, D]
-        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+        valid = (jnp.arange(T)[None, :] <= pos[:, None]) & (token < meta.query_start_loc[-1])[:, None]
+        # Slots past the context may be stale, even NaN: zero them rather than trust a zero weight.
+        k, v = (jnp.where(valid[:, :, None, None], x.astype(jnp.float32), 0.0) for x in (k, v))
         k = jnp.repeat(k, H // KV, axis=2)
         v = jnp.repeat(v, H // KV, axis=2)
         s = jnp.einsum("nhd,nthd->nht", q.astype(jnp.float32), k) * scale
-        valid = jnp.arange(T)[None, :] <= pos[:, None]
         s = jnp.where(valid[:, None, :], s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
         p = jnp.where(jnp.isnan(p), 0.0, p)  # padding tokens attend to nothing

@@ -187,9 +187,10 @@ def test_cpu_kernel_builds_from_source(tmp_path):
     assert ctypes.cdll.LoadLibrary(str(path)).JpagedPagedAttention  # the symbol jax.ffi registers
 
 
-def test_cpu_kernel_ignores_stale_slots():
-    """Slots past a sequence's context in its last page may hold anything a previous owner
-    left, even NaN: weights of zero must not let it through."""
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_backend_ignores_stale_slots(backend):
+    """Slots past a sequence's context in its last page (and whole pages past it) may hold
+    anything a previous owner left, even NaN: weights of zero must not let it through."""
     rng = np.random.default_rng(7)
     q, k, v, meta, n = _case(rng, [1, 3], [20, 35], block_size=16, D=64)
     tables = np.asarray(meta.block_tables)
@@ -198,7 +199,12 @@ def test_cpu_kernel_ignores_stale_slots():
         last = tables[b, (c - 1) // 16]
         v[:, last, :, c % 16:] = np.nan  # V rows of the unused slots (K is stored transposed)
         k.reshape(k.shape[:3] + (64, 16))[:, last, :, :, c % 16:] = np.nan
+    # Pages a table names past its context (padding entries), when no sequence uses them.
+    used = {int(x) for b, c in enumerate([20, 35]) for x in tables[b, :(c + 15) // 16]}
+    past = sorted({int(x) for x in tables[:, 3:].ravel()} - used)
+    assert past, "the case must name a page past some sequence's context"
+    k[:, past], v[:, past] = np.nan, np.nan
     ref = ReferenceBackend().attend(q, jnp.nan_to_num(k), jnp.nan_to_num(v), 0, meta, 0.125)
-    got = np.asarray(get_backend("cpu").attend(q, jnp.asarray(k), jnp.asarray(v), 0, meta, 0.125))
+    got = np.asarray(get_backend(backend).attend(q, jnp.asarray(k), jnp.asarray(v), 0, meta, 0.125))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
