@@ -58,6 +58,8 @@ ENGINE_HELP = {
     "max_logprobs": "largest --logprobs a request may ask for",
     "compilation_cache_dir": "XLA's persistent compilation cache; '' disables it "
                              "[default: ~/.cache/jpaged/xla]",
+    "scan_layers": "run the layers under a scan: compile time does not grow with depth, "
+                   "steps are slower (weights copied out of the stack) [default: unrolled]",
 }
 
 SAMPLING_HELP = {

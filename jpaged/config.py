@@ -31,6 +31,8 @@ class EngineConfig:
     swap_space: int = 1 * GiB  # bytes of host memory for swapped-out blocks
     max_logprobs: int = 20
     compilation_cache_dir: str | None = None  # None = ~/.cache/jpaged/xla; "" disables
+    scan_layers: bool | None = None  # run the layers under nn.scan (compile time flat in depth);
+    # None = unrolled (faster steps), or an in-memory model's own setting
 
     def __post_init__(self):
         def positive(name):
@@ -53,5 +55,7 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                              f"got {self.attention_backend!r}")
+        if self.scan_layers not in (None, True, False):
+            raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged.models import model_class
+from jpaged.models.llama import stack_layers, unstack_layers
 from jpaged.models.config import ModelConfig
 
 from .attention import get_backend
@@ -86,6 +87,10 @@ class LLM:
             tokenizer = tokenizer or load_tokenizer(path)
             params = load_params(path, model_config, dtype)
             module = model_class(model_config.model_type)(model_config, backend, jnp.dtype(dtype))
+        if hasattr(module, "scan_layers"):
+            if config.scan_layers is not None:
+                module = module.clone(scan_layers=config.scan_layers)
+            params = (stack_layers if module.scan_layers else unstack_layers)(params, model_config.num_layers)
         self.params = jax.device_put(params)
         self.tokenizer = tokenizer
         self.model_config = model_config

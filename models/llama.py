@@ -1,9 +1,13 @@
 """Llama-family decoder in Flax (SmolLM2, Llama 2/3, Mistral, Qwen2).
 
-Layers are unrolled, each with its own parameter arrays (`layers_0`, `layers_1`,
-...): under `nn.scan` over stacked weights, XLA's CPU backend copies every
-layer's weights out of the stack each step before its dots (a decode step
-1.2-1.4x slower), at the price of a longer compile. The KV pool is threaded
+By default the layers are unrolled, each with its own parameter arrays (`layers_0`,
+`layers_1`, ...): under `nn.scan` over stacked weights, XLA (CPU and GPU alike)
+copies every layer's weights out of the stack each step before its dots (a CPU
+decode step 1.2-1.4x slower), at the price of a compile that grows with depth.
+`scan_layers=True` runs them under `nn.scan` over weights stacked along a leading
+layer axis (`layers`), so the traced step and its compile time do not grow with
+depth: for deep models, or when start-up matters more than step time.
+`stack_layers` / `unstack_layers` convert a param tree between the two layouts. The KV pool is threaded
 through the layers and each layer writes its new K/V before it reads
 (DESIGN.md: the other orders copy the pool). Weights may be
 bfloat16; every dot accumulates and returns float32, the fast mixed-precision
@@ -83,6 +87,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     backend: Any
     param_dtype: Any = jnp.float32
+    scanned: bool = False  # under nn.scan: return (carry, None)
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, meta):
@@ -103,7 +108,7 @@ class DecoderLayer(nn.Module):
         gate_up = Linear(2 * c.intermediate_size, False, self.param_dtype, name="gate_up_proj")(x)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         h = h + Linear(c.hidden_size, False, self.param_dtype, name="down_proj")(nn.silu(gate) * up)
-        return h, k_pool, v_pool
+        return ((h, k_pool, v_pool), None) if self.scanned else (h, k_pool, v_pool)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -112,6 +117,7 @@ class LlamaForCausalLM(nn.Module):
     config: ModelConfig
     backend: Any
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_pool, meta, logits_index):
@@ -123,9 +129,15 @@ class LlamaForCausalLM(nn.Module):
         freqs = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)
         carry = (h, *kv_pool)
-        for i in range(c.num_layers):
-            carry = DecoderLayer(c, self.backend, self.param_dtype, name=f"layers_{i}")(
-                carry, i, cos, sin, meta)
+        if self.scan_layers:
+            layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
+            carry, _ = layers(c, self.backend, self.param_dtype, scanned=True, name="layers")(
+                carry, jnp.arange(c.num_layers, dtype=jnp.int32), cos, sin, meta)
+        else:
+            for i in range(c.num_layers):
+                carry = DecoderLayer(c, self.backend, self.param_dtype, name=f"layers_{i}")(
+                    carry, i, cos, sin, meta)
         h, k_pool, v_pool = carry
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h[logits_index])
         if c.tie_word_embeddings:
@@ -136,3 +148,34 @@ class LlamaForCausalLM(nn.Module):
         else:
             logits = Linear(c.vocab_size, False, self.param_dtype, name="lm_head")(h)
         return logits, (k_pool, v_pool)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Per-layer params (`layers_0` ...) -> one `layers` tree with a leading layer axis (the
+    `scan_layers=True` layout). Leaf by leaf, so the extra memory is one stacked leaf at a time."""
+    if "layers" in params:
+        return params
+    params = dict(params)
+    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    treedef = jax.tree_util.tree_structure(per_layer[0])
+    columns = [jax.tree_util.tree_leaves(layer) for layer in per_layer]
+    del per_layer
+    stacked = []
+    for j in range(treedef.num_leaves):
+        xp = np if all(isinstance(col[j], np.ndarray) for col in columns) else jnp
+        stacked.append(xp.stack([col[j] for col in columns]))
+        for col in columns:
+            col[j] = None
+    params["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
+    return params
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """The inverse of `stack_layers`: a stacked `layers` tree -> `layers_0` ... `layers_{L-1}`."""
+    if "layers" not in params:
+        return params
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+    return params

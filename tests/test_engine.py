@@ -2,6 +2,7 @@
 random Llama / Qwen2 / Mistral folders; preemption and bad input leave outputs intact."""
 from __future__ import annotations
 
+import jax
 import pytest
 
 import jpaged
@@ -46,16 +47,52 @@ def test_default_model_greedy_matches_transformers(default_llm, hf_default_model
     assert default_llm.block_manager.num_used_blocks == 0  # everything freed
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-mha"])
-def test_tiny_hf_folder_greedy_matches_transformers(kind, tmp_path):
+@pytest.mark.parametrize("kind,scan_layers", [("llama", False), ("qwen2", False), ("mistral", False),
+                                              ("llama-mha", False), ("qwen2", True)])
+def test_tiny_hf_folder_greedy_matches_transformers(kind, scan_layers, tmp_path):
     hf = build_tiny_hf(kind, tmp_path, vocab_size=512)
     llm = LLM(str(tmp_path), tokenizer=_NoTokenizer(), max_num_seqs=4, max_model_len=256,
-              kv_cache_memory=4 << 20, max_num_batched_tokens=64, compilation_cache_dir="")
+              kv_cache_memory=4 << 20, max_num_batched_tokens=64, compilation_cache_dir="",
+              scan_layers=scan_layers)
+    num_layers = llm.model_config.num_layers
+    layer_keys = [k for k in llm.params if k.startswith("layers")]
+    if scan_layers:  # one stacked tree, every leaf with a leading layer axis
+        assert layer_keys == ["layers"]
+        assert all(x.shape[0] == num_layers for x in jax.tree_util.tree_leaves(llm.params["layers"]))
+    else:
+        assert sorted(layer_keys) == sorted(f"layers_{i}" for i in range(num_layers))
     prompts = [[(7 * i + 3 * j) % 500 + 3 for j in range(n)] for i, n in enumerate([5, 17, 40, 90, 130])]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)  # 90 and 130 prefill in chunks of 64
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 24)
+
+
+def test_in_memory_flax_model_either_layer_layout(tmp_path):
+    """A research pipeline's own module and params (unrolled or scanned layout, with or
+    without the {"params": ...} wrapper) generate transformers' greedy tokens; the engine's
+    `scan_layers` overrides the module's and converts the params."""
+    from jpaged.models import LlamaForCausalLM
+    from jpaged.models.llama import stack_layers
+    from jpaged.models.loader import load_config, load_params
+    hf = build_tiny_hf("llama", tmp_path, vocab_size=512)
+    cfg = load_config(tmp_path)
+    params = load_params(tmp_path, cfg)
+    prompts = [[(5 * i + j) % 500 + 3 for j in range(n)] for i, n in enumerate([4, 23, 51])]
+    expected = [hf_greedy(hf, p, 12) for p in prompts]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    common = dict(tokenizer=_NoTokenizer(), max_num_seqs=4, max_model_len=128,
+                  kv_cache_memory=2 << 20, max_num_batched_tokens=64, compilation_cache_dir="")
+    cases = [(LlamaForCausalLM(cfg, None), {"params": params}, {}, False),
+             (LlamaForCausalLM(cfg, None, scan_layers=True), stack_layers(params, cfg.num_layers), {}, True),
+             (LlamaForCausalLM(cfg, None, scan_layers=True), stack_layers(params, cfg.num_layers),
+              {"scan_layers": False}, False)]
+    for module, tree, override, scanned in cases:
+        llm = LLM(module, params=tree, **common, **override)
+        assert llm.runner.module.scan_layers is scanned
+        assert ("layers" in llm.params) is scanned and ("layers_0" in llm.params) is not scanned
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
 
 
 def test_preemption_keeps_outputs_identical(tmp_path):

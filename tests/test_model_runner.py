@@ -56,3 +56,56 @@ def test_decode_buckets_are_multiples_of_eight():
     ib = InputBuilder(block_size=16, max_num_seqs=64, max_num_batched_tokens=256, max_model_len=256)
     decode = sorted(B for N, B, Q, P in ib.step_buckets() if Q == 1)
     assert decode == list(range(8, 65, 8))  # every decode shape warm-up must compile
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_traced_step_grows_with_depth_only_when_unrolled(scan_layers):
+    """`scan_layers=True` traces one layer body whatever the depth (so compile time stays
+    flat); unrolled, every layer adds its own equations."""
+    import jax
+    from jpaged.attention import AttentionBackend, AttentionMetadata
+    from jpaged.input_builder import InputBuilder
+    from jpaged.models import LlamaForCausalLM, ModelConfig
+
+    def top_level_equations(num_layers):
+        cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=8)
+        backend = AttentionBackend()
+        module = LlamaForCausalLM(cfg, backend, scan_layers=scan_layers)
+        inp = InputBuilder.dummy(16, 2, 16, 4)
+        shape = backend.pool_shape(num_layers, 8, 16, cfg.num_kv_heads, cfg.head_dim)
+        pool = (jax.ShapeDtypeStruct(shape, np.float32),) * 2
+        args = (inp.token_ids, inp.positions, pool, AttentionMetadata.from_inputs(inp), inp.logits_index)
+        params = jax.eval_shape(module.init, jax.random.key(0), *args)
+        layer_keys = sorted(k for k in params["params"] if k.startswith("layers"))
+        assert layer_keys == (["layers"] if scan_layers else sorted(f"layers_{i}" for i in range(num_layers)))
+        return len(jax.make_jaxpr(module.apply)(params, *args).jaxpr.eqns)
+
+    two, four = top_level_equations(2), top_level_equations(4)
+    if scan_layers:
+        assert two == four
+    else:
+        assert four > two + 20  # each layer: norms, projections, rope, attention, MLP
+
+
+def test_stack_and_unstack_layers_round_trip():
+    from jpaged.models.llama import stack_layers, unstack_layers
+    rng = np.random.default_rng(0)
+    params = {"embed_tokens": {"embedding": rng.random((5, 4))},
+              **{f"layers_{i}": {"qkv_proj": {"kernel": rng.random((4, 6)), "bias": rng.random(6)},
+                                 "attn_norm": {"scale": rng.random(4)}} for i in range(3)}}
+    stacked = stack_layers(params, 3)
+    assert set(stacked) == {"embed_tokens", "layers"}
+    assert stacked["layers"]["qkv_proj"]["kernel"].shape == (3, 4, 6)
+    np.testing.assert_array_equal(stacked["layers"]["attn_norm"]["scale"][2], params["layers_2"]["attn_norm"]["scale"])
+    back = unstack_layers(stacked, 3)
+    assert set(back) == set(params)
+    for i in range(3):
+        for leaf, want in zip(jax_leaves(back[f"layers_{i}"]), jax_leaves(params[f"layers_{i}"])):
+            np.testing.assert_array_equal(leaf, want)
+    assert stack_layers(stacked, 3) is stacked and unstack_layers(params, 3) is params
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree_util.tree_leaves(tree)
