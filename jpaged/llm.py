@@ -228,7 +228,7 @@ class LLM:
         beams = {}
         for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             seq.num_computed_tokens += n
-            if batch.is_prefill:
+            if batch.is_prefill and b >= batch.num_decode:
                 self.stats["prefill_tokens"] += n
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk that samples nothing yet

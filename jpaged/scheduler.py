@@ -1,9 +1,13 @@
 """Continuous batching: which sequences run this step, and how many tokens each.
 
-A step is either a prefill step (prompt chunks of waiting or partly prefilled
-sequences, within `max_num_batched_tokens`) or a decode step (one token for
-every running sequence that has one to compute). Prefill goes first, as in
-vLLM, so new requests join the batch as soon as blocks allow.
+Every step first takes one token of every running sequence that has one to
+compute (decode), then fills what is left of `max_num_batched_tokens` with
+prompt chunks of partly prefilled or waiting sequences (prefill), as vLLM's V1
+scheduler does: a step with prompt chunks is a mixed step (decode rows first,
+`num_decode` of them) and the running sequences keep generating while new
+requests are prefilled, instead of waiting for every prefill step to pass. A
+step that had to preempt admits no new request (the victim would come straight
+back).
 
 Sharing: a request with `best_of > 1` is admitted as one sequence; when its
 prompt's last chunk is scheduled, the other samples are forked from it (sharing
@@ -33,7 +37,8 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
-    is_prefill: bool
+    is_prefill: bool  # packed prompt-chunk layout (a mixed step too); False: one token per row
+    num_decode: int = 0  # in a mixed step, the leading rows that are decode tokens
     # Block operations the engine does before the step, in this order:
     blocks_to_swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (host, device)
     blocks_to_swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (device, host)
@@ -97,9 +102,15 @@ class Scheduler:
             bm.cache_blocks(seq)
         ops = ScheduledBatch([], [], False)
         self._schedule_swap_in(ops)
-        batch = self._schedule_prefill(ops, admit=not self.swapped)
-        if batch is None:
-            batch = self._schedule_decode(ops)
+        preemptions = self.num_preemptions
+        decode = self._schedule_decode(ops)
+        budget = self.config.max_num_batched_tokens - (decode.num_tokens if decode else 0)
+        prefill = self._schedule_prefill(ops, admit=not self.swapped and self.num_preemptions == preemptions,
+                                         budget=max(0, budget))
+        batch = prefill or decode
+        if prefill and decode:
+            batch = ScheduledBatch(decode.seqs + prefill.seqs, decode.num_new_tokens + prefill.num_new_tokens,
+                                   is_prefill=True, num_decode=len(decode.seqs))
         if batch is None and not ops.has_block_ops and self._stalled():
             self._break_stall()
             return self.schedule()
@@ -117,8 +128,7 @@ class Scheduler:
             return max(1, beam.width)
         return 1 + len(seq.pending_forks)
 
-    def _schedule_prefill(self, ops: ScheduledBatch, admit: bool) -> ScheduledBatch | None:
-        budget = self.config.max_num_batched_tokens
+    def _schedule_prefill(self, ops: ScheduledBatch, admit: bool, budget: int) -> ScheduledBatch | None:
         bm = self.block_manager
         bs = bm.block_size
         seqs, counts = [], []

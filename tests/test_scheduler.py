@@ -39,6 +39,43 @@ def test_prefill_is_chunked_within_the_token_budget():
     assert batch.seqs == [long, short] and batch.num_new_tokens == [1, 1]
 
 
+def test_decodes_ride_along_with_a_new_prompt_in_one_mixed_step():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
+    sched = Scheduler(cfg, BlockManager(100, 4))
+    a, b, late = _seq(5, "a"), _seq(6, "b"), _seq(30, "late")
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched.schedule())  # both prompts in one prefill step
+    sched.add(late)
+    batch = sched.schedule()  # a and b decode; late's first chunk takes the rest of the budget
+    assert batch.is_prefill and batch.num_decode == 2
+    assert batch.seqs == [a, b, late] and batch.num_new_tokens == [1, 1, 14]
+    _run_step(batch)
+    batch = sched.schedule()
+    assert batch.seqs == [a, b, late] and batch.num_new_tokens == [1, 1, 14]
+    _run_step(batch)
+    batch = sched.schedule()  # late's last 2 prompt tokens
+    assert batch.num_new_tokens == [1, 1, 2] and batch.num_decode == 2
+    _run_step(batch)
+    batch = sched.schedule()  # all three decode: a plain decode step
+    assert not batch.is_prefill and sorted(s.request.request_id for s in batch.seqs) == ["a", "b", "late"]
+
+
+def test_a_step_that_preempts_admits_nothing():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    bm = BlockManager(5, 4)
+    sched = Scheduler(cfg, bm)
+    sched.watermark_blocks = 0
+    a, b = _seq(8, "a"), _seq(8, "b")
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched.schedule())
+    sched.add(_seq(1, "tiny"))  # would fit in the block b's preemption frees
+    batch = sched.schedule()
+    assert sched.num_preemptions == 1 and batch.seqs == [a] and not batch.is_prefill
+    assert [s.request.request_id for s in sched.waiting] == ["b", "tiny"]
+
+
 def test_max_num_seqs_caps_the_running_set():
     cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, block_size=4)
     sched = Scheduler(cfg, BlockManager(100, 4))
