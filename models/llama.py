@@ -7,8 +7,8 @@ decode step 1.2-1.4x slower), at the price of a compile that grows with depth.
 `scan_layers=True` runs them under `nn.scan` over weights stacked along a leading
 layer axis (`layers`), so the traced step and its compile time do not grow with
 depth: for deep models, or when start-up matters more than step time.
-`stack_layers` / `unstack_layers` convert a param tree between the two layouts. The KV pool is threaded
-through the layers and each layer writes its new K/V before it reads
+`stack_layers` / `unstack_layers` convert a param tree between the two layouts.
+The KV pool is threaded through the layers and each layer writes its new K/V before it reads
 (DESIGN.md: the other orders copy the pool). Weights may be
 bfloat16; every dot accumulates and returns float32, the fast mixed-precision
 layout on the CPU, and activations stay float32.
@@ -152,21 +152,15 @@ class LlamaForCausalLM(nn.Module):
 
 def stack_layers(params: dict, num_layers: int) -> dict:
     """Per-layer params (`layers_0` ...) -> one `layers` tree with a leading layer axis (the
-    `scan_layers=True` layout). Leaf by leaf, so the extra memory is one stacked leaf at a time."""
+    `scan_layers=True` layout). The layers' weights exist twice until the input tree is dropped."""
     if "layers" in params:
         return params
     params = dict(params)
     per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
-    treedef = jax.tree_util.tree_structure(per_layer[0])
-    columns = [jax.tree_util.tree_leaves(layer) for layer in per_layer]
-    del per_layer
-    stacked = []
-    for j in range(treedef.num_leaves):
-        xp = np if all(isinstance(col[j], np.ndarray) for col in columns) else jnp
-        stacked.append(xp.stack([col[j] for col in columns]))
-        for col in columns:
-            col[j] = None
-    params["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
+
+    def stack(*xs):
+        return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+    params["layers"] = jax.tree_util.tree_map(stack, *per_layer)
     return params
 
 
