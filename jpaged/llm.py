@@ -87,7 +87,11 @@ class LLM:
             tokenizer = tokenizer or load_tokenizer(path)
             params = load_params(path, model_config, dtype)
             module = model_class(model_config.model_type)(model_config, backend, jnp.dtype(dtype))
-        if hasattr(module, "scan_layers"):
+        if not hasattr(module, "scan_layers"):
+            if config.scan_layers is not None:
+                raise ValueError(f"scan_layers={config.scan_layers} needs a model with a `scan_layers` "
+                                 f"field; {type(module).__name__} has none")
+        else:
             if config.scan_layers is not None:
                 module = module.clone(scan_layers=config.scan_layers)
             params = (stack_layers if module.scan_layers else unstack_layers)(params, model_config.num_layers)

@@ -2,6 +2,7 @@
 random Llama / Qwen2 / Mistral folders; preemption and bad input leave outputs intact."""
 from __future__ import annotations
 
+import flax.linen
 import jax
 import pytest
 
@@ -93,6 +94,14 @@ def test_in_memory_flax_model_either_layer_layout(tmp_path):
         assert ("layers" in llm.params) is scanned and ("layers_0" in llm.params) is not scanned
         outs = llm.generate(prompts, sp, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
+
+    class NoScanField(flax.linen.Module):  # a user's own model without the option
+        config: object
+        backend: object = None
+    with pytest.raises(ValueError, match="scan_layers=True needs a model with a `scan_layers` field"):
+        LLM(NoScanField(cfg), params=params, scan_layers=True, **common)
+    with pytest.raises(ValueError, match="scan_layers must be a bool"):
+        jpaged.EngineConfig(scan_layers=1)
 
 
 def test_preemption_keeps_outputs_identical(tmp_path):

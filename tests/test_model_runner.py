@@ -1,6 +1,7 @@
 """The step updates the KV pool in place and compiles only for known buckets."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -62,7 +63,6 @@ def test_decode_buckets_are_multiples_of_eight():
 def test_traced_step_grows_with_depth_only_when_unrolled(scan_layers):
     """`scan_layers=True` traces one layer body whatever the depth (so compile time stays
     flat); unrolled, every layer adds its own equations."""
-    import jax
     from jpaged.attention import AttentionBackend, AttentionMetadata
     from jpaged.input_builder import InputBuilder
     from jpaged.models import LlamaForCausalLM, ModelConfig
@@ -101,11 +101,8 @@ def test_stack_and_unstack_layers_round_trip():
     back = unstack_layers(stacked, 3)
     assert set(back) == set(params)
     for i in range(3):
-        for leaf, want in zip(jax_leaves(back[f"layers_{i}"]), jax_leaves(params[f"layers_{i}"])):
+        for leaf, want in zip(jax.tree_util.tree_leaves(back[f"layers_{i}"]),
+                              jax.tree_util.tree_leaves(params[f"layers_{i}"])):
             np.testing.assert_array_equal(leaf, want)
     assert stack_layers(stacked, 3) is stacked and unstack_layers(params, 3) is params
 
-
-def jax_leaves(tree):
-    import jax
-    return jax.tree_util.tree_leaves(tree)
