@@ -1,17 +1,43 @@
-"""jpaged: an LLM serving engine in JAX/XLA built on PagedAttention."""
-from .beam_search import BeamSearchOutput, BeamSearchParams
-from .config import EngineConfig
-from .llm import LLM
-from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling_params import SamplingParams
+"""jpaged: an LLM serving engine in JAX/XLA built on PagedAttention.
+
+The public API is loaded on first use (as vLLM's), so that importing a host-side module
+such as `jpaged.core.scheduler` does not import jax.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .version import __version__
+
+# public name -> the module that defines it
+_API = {
+    "LLM": "jpaged.entrypoints.llm",
+    "EngineConfig": "jpaged.config",
+    "SamplingParams": "jpaged.sampling_params",
+    "BeamSearchParams": "jpaged.sampling_params",
+    "RequestOutput": "jpaged.outputs",
+    "CompletionOutput": "jpaged.outputs",
+    "Logprob": "jpaged.outputs",
+    "BeamSearchOutput": "jpaged.outputs",
+    "serve": "jpaged.entrypoints.openai.launcher",
+    "start_server": "jpaged.entrypoints.openai.launcher",
+}
+__all__ = [*_API, "__version__"]
+
+if TYPE_CHECKING:
+    from .config import EngineConfig
+    from .entrypoints.llm import LLM
+    from .entrypoints.openai.launcher import serve, start_server
+    from .outputs import BeamSearchOutput, CompletionOutput, Logprob, RequestOutput
+    from .sampling_params import BeamSearchParams, SamplingParams
 
 
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'jpaged' has no attribute {name!r}")
 
-def serve(model=None, host: str = "127.0.0.1", port: int = 8000, **engine_args):
-    """OpenAI-compatible HTTP server (blocking); see `jpaged.server.serve`."""
-    from .server import serve as _serve  # imported lazily: FastAPI is not needed offline
-    return _serve(model, host=host, port=port, **engine_args)
 
-
-__all__ = ["LLM", "serve", "BeamSearchParams", "BeamSearchOutput", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
-__version__ = "0.1.0"
+def __dir__():
+    return sorted(__all__)

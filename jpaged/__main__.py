@@ -1,6 +1,6 @@
 """`python -m jpaged ...` runs the `jpaged` command line."""
 import sys
 
-from .cli import main
+from jpaged.cli.main import main
 
 sys.exit(main())

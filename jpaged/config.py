@@ -1,38 +1,65 @@
 """Engine arguments: one dataclass, validated on construction.
 
-Its fields are the keyword arguments of `jpaged.LLM(...)` and the flags of the
-CLI; sizes carry their unit in the name (`kv_cache_memory` bytes, `block_size`
-tokens).
+Its fields are the keyword arguments of `jpaged.LLM(...)` and, generated from the
+field metadata (`help`, `choices`, `unit`), the flags of the CLI and the server
+(`kv_cache_memory` -> `--kv-cache-memory`). Sizes carry their unit in the name
+(`kv_cache_memory` bytes, `block_size` tokens).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 GiB = 1 << 30
 
 ATTENTION_BACKENDS = ("auto", "cpu", "xla", "reference", "pallas", "pallas-interpret")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+def config_field(default: Any, help: str, *, choices: tuple | None = None,
+                 unit: str | None = None) -> Any:
+    """A dataclass field whose metadata makes its command-line flag: `help` text, allowed
+    `choices`, and `unit="bytes"` for sizes that take units (512MiB)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                        "unit": unit})
 
 
 @dataclasses.dataclass
 class EngineConfig:
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None = 2 GiB on CPU (see kv_cache.py)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None = the model's own context length
-    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
-    kv_cache_dtype: str = "auto"  # "auto" = float32 on CPU (XLA's CPU scatter copies a
-    # bfloat16 pool through float32), the model's dtype elsewhere
-    attention_backend: str = "auto"
-    seed: int = 0
-    enable_prefix_caching: bool = True
-    preemption_mode: str = "recompute"  # or "swap"
-    swap_space: int = 1 * GiB  # bytes of host memory for swapped-out blocks
-    max_logprobs: int = 20
-    compilation_cache_dir: str | None = None  # None = ~/.cache/jpaged/xla; "" disables
-    scan_layers: bool | None = None  # run the layers under nn.scan (compile time flat in depth);
-    # None = unrolled (faster steps), or an in-memory model's own setting
+    block_size: int = config_field(16, "tokens per KV cache block, a power of two")
+    kv_cache_memory: int | None = config_field(
+        None, "bytes of the KV pool, allocated after the weights; takes units (8000000, 512MiB, "
+              "2GiB) [default: 2 GiB, or a quarter of RAM if less]", unit="bytes")
+    max_num_seqs: int = config_field(64, "most sequences in one step")
+    max_num_batched_tokens: int = config_field(
+        2048, "most tokens in one step; longer prompts are prefilled in chunks")
+    max_model_len: int | None = config_field(
+        None, "most tokens (prompt + output) of one sequence [default: the model's context length]")
+    dtype: str = config_field("auto", "weights and compute dtype; auto = float32 on CPU, bfloat16 "
+                                      "on GPU (bfloat16 weights compute with float32 accumulation)",
+                              choices=DTYPES)
+    kv_cache_dtype: str = config_field(
+        "auto", "KV pool dtype; auto = float32 on CPU (XLA's CPU scatter copies a bfloat16 pool "
+                "through float32), the model's dtype elsewhere", choices=DTYPES)
+    attention_backend: str = config_field(
+        "auto", "paged attention implementation; auto = cpu (the C++ kernel; xla without a "
+                "compiler) on CPU, pallas on GPU", choices=ATTENTION_BACKENDS)
+    seed: int = config_field(0, "engine seed: draws the seeds of requests that have none")
+    enable_prefix_caching: bool = config_field(True, "share the KV blocks of common prompt prefixes")
+    preemption_mode: str = config_field(
+        "recompute", "what happens to the newest request when the pool is full: its blocks are "
+                     "freed and recomputed, or swapped to host memory", choices=PREEMPTION_MODES)
+    swap_space: int = config_field(1 * GiB, "bytes of host memory for swapped-out blocks; takes "
+                                            "units [default: 1GiB]", unit="bytes")
+    max_logprobs: int = config_field(20, "most top logprobs a request may ask for per token")
+    compilation_cache_dir: str | None = config_field(
+        None, "XLA's persistent compilation cache; '' disables it [default: "
+              "~/.cache/jpaged/xla, or under $JPAGED_CACHE_DIR]")
+    scan_layers: bool | None = config_field(
+        None, "run the layers under nn.scan over stacked weights: compile time does not grow "
+              "with depth, steps are slower (XLA copies each layer's weights out of the stack) "
+              "[default: unrolled, or an in-memory model's own setting]")
 
     def __post_init__(self):
         def positive(name):
@@ -48,14 +75,10 @@ class EngineConfig:
                 positive(name)
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 bytes, got {self.swap_space}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.kv_cache_dtype not in DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
-                             f"got {self.attention_backend!r}")
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            if choices and getattr(self, field.name) not in choices:
+                raise ValueError(f"{field.name} must be one of {choices}, "
+                                 f"got {getattr(self, field.name)!r}")
         if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")

@@ -1,4 +1,5 @@
-"""What `LLM.generate` returns, shaped like vLLM's `RequestOutput`."""
+"""What `LLM.generate` and `LLM.beam_search` return, shaped like vLLM's `RequestOutput` and
+`BeamSearchOutput`."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,3 +33,23 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+
+
+@dataclasses.dataclass
+class BeamSearchSequence:
+    tokens: list[int]  # prompt + generated, as vLLM
+    logprobs: list[dict[int, Logprob]]  # one entry per generated token
+    cum_logprob: float = 0.0
+    text: str | None = None  # the generated text (without a final EOS)
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+    score: float = 0.0  # cum_logprob / generated_len ** length_penalty
+    num_prompt_tokens: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens:]
+
+
+@dataclasses.dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

@@ -1,33 +1,51 @@
-"""Per-request decoding options, shaped like vLLM's `SamplingParams`."""
+"""Per-request decoding options, shaped like vLLM's `SamplingParams` and `BeamSearchParams`.
+
+Invalid values raise `InvalidRequestError` (a `ValueError`) whose `param` is the field.
+"""
 from __future__ import annotations
 
 import dataclasses
 
+from .config import config_field
+from .exceptions import InvalidRequestError
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+
 
 @dataclasses.dataclass
 class SamplingParams:
-    n: int = 1
-    best_of: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
+    n: int = config_field(1, "completions per prompt")
+    best_of: int | None = config_field(
+        None, "sample this many and return the n with the highest log-probability [default: n]")
+    temperature: float = config_field(1.0, "0 = greedy")
+    top_p: float = config_field(
+        1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    top_k: int = config_field(-1, "keep the k most likely tokens; -1 disables")
+    min_p: float = config_field(0.0, "drop tokens less likely than min_p times the most likely one")
+    repetition_penalty: float = config_field(
+        1.0, "> 1 discourages tokens already in the prompt or output")
+    presence_penalty: float = config_field(
+        0.0, "subtracted from the logit of every token already generated")
+    frequency_penalty: float = config_field(0.0, "subtracted once per earlier occurrence of a token")
+    seed: int | None = config_field(
+        None, "per-request seed: the same seed gives the same output, whatever the batch")
+    max_tokens: int | None = config_field(16, "most tokens to generate ('none' = up to max_model_len)")
+    min_tokens: int = config_field(
+        0, "generate at least this many before EOS or a stop may end the output")
+    stop: str | list[str] | None = config_field(
+        None, "stop when this string appears (repeat the flag for several)")
+    stop_token_ids: list[int] | None = config_field(
+        None, "stop when one of these token ids is generated")
+    ignore_eos: bool = config_field(False, "keep generating after the end-of-sequence token")
+    include_stop_str_in_output: bool = config_field(False, "keep the matched stop string in the text")
+    logprobs: int | None = config_field(
+        None, "return the log-probabilities of the sampled and this many top tokens")
+    skip_special_tokens: bool = config_field(True, "leave special tokens out of the text")
 
     def __post_init__(self):
         def bad(field, why):
-            raise ValueError(f"SamplingParams.{field} {why}, got {getattr(self, field)!r}")
+            raise InvalidRequestError(f"SamplingParams.{field} {why}, got {getattr(self, field)!r}",
+                                      field)
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
@@ -64,7 +82,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_EPS
 
     @property
     def uses_filters(self) -> bool:
@@ -74,3 +92,25 @@ class SamplingParams:
     def uses_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+@dataclasses.dataclass
+class BeamSearchParams:
+    """`LLM.beam_search` options; `early_stopping` has transformers' meaning (True, False
+    or "never"), see `jpaged.engine.beam_search`."""
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise InvalidRequestError(f"BeamSearchParams.{field} {why}, got "
+                                      f"{getattr(self, field)!r}", field)
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            bad("beam_width", "must be an integer >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if self.early_stopping not in (True, False, "never"):
+            bad("early_stopping", "must be True, False or 'never'")

@@ -8,10 +8,10 @@ decode step 1.2-1.4x slower), at the price of a compile that grows with depth.
 layer axis (`layers`), so the traced step and its compile time do not grow with
 depth: for deep models, or when start-up matters more than step time.
 `stack_layers` / `unstack_layers` convert a param tree between the two layouts.
-The KV pool is threaded through the layers and each layer writes its new K/V before it reads
-(DESIGN.md: the other orders copy the pool). Weights may be
-bfloat16; every dot accumulates and returns float32, the fast mixed-precision
-layout on the CPU, and activations stay float32.
+The KV pool is threaded through the layers and each layer writes its new K/V
+before it reads (docs/design.md, "The in-place pool rule": the other orders copy
+the pool). Weights may be bfloat16; every dot accumulates and returns float32,
+the fast mixed-precision layout on the CPU, and activations stay float32.
 
 Param tree: see `models/loader.py` (q/k/v fused as `qkv_proj`, gate/up fused
 as `gate_up_proj`: fewer, larger dots).

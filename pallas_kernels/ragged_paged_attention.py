@@ -26,10 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import tuning
-
-_LOG2E = math.log2(math.e)
-_M_INIT = -1e30  # finite start for the running max (see paged_attention.py)
+from . import common, tuning
 
 
 def _ragged_kernel(
@@ -85,7 +82,7 @@ def _ragged_kernel(
 
     init = (
         jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), _M_INIT, jnp.float32),
+        jnp.full((rows,), common.M_INIT, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
     o, _, l = lax.fori_loop(0, num_steps, step, init)
@@ -159,15 +156,11 @@ def ragged_paged_attention(
     `query_start_loc [seqs + 1]` int32. Tokens past `query_start_loc[-1]` give
     zeros. Returns `[tokens, heads, head_dim]` in q.dtype.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    _, num_kv_heads, _, block_size, _ = k_pages.shape
-    pages_per_seq = block_tables.shape[1]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads=} is not a multiple of {num_kv_heads=}")
-    tuning.check_pow2("block_size", block_size)
-    tuning.check_pow2("head_dim", head_dim, 16)
-    group = num_heads // num_kv_heads
-    gpad = tuning.group_padded(group, 1)
+    num_tokens = q.shape[0]
+    num_heads, num_kv_heads, group, head_dim, block_size, pages_per_seq = common.check_shapes(
+        q, k_pages, v_pages, block_tables
+    )
+    gpad = common.group_padded(group, 1)
     cfg = tuning.ragged_params(
         group=gpad,
         block_size=block_size,
@@ -180,34 +173,30 @@ def ragged_paged_attention(
         num_stages=num_stages,
     )
     bq, ppcb = cfg.block_q, cfg.pages_per_compute_block
-    tuning.check_pow2("block_q * padded group", bq * gpad, 16)
-    tuning.check_pow2("pages_per_compute_block * block_size", ppcb * block_size, 16)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    common.check_pow2("block_q * padded group", bq * gpad, 16)
+    common.check_pow2("pages_per_compute_block * block_size", ppcb * block_size, 16)
+    scale = common.softmax_scale(scale, head_dim)
 
     context_lens = context_lens.astype(jnp.int32)
     query_start_loc = query_start_loc.astype(jnp.int32)
     bmap = _block_map(query_start_loc, context_lens, num_tokens, bq)
     nblk = bmap["num_blocks"]
     padded_pages = pl.cdiv(pages_per_seq, ppcb) * ppcb
-    # Entries past a context are still loaded (then masked): clamp garbage.
-    block_tables = jnp.clip(block_tables.astype(jnp.int32), 0, k_pages.shape[2] - 1)
-    block_tables = jnp.pad(block_tables, ((0, 0), (0, padded_pages - pages_per_seq)))
+    block_tables = common.safe_block_tables(block_tables, k_pages.shape[2], padded_pages)
 
     # q in block order, GQA group padded: [blocks, block_q, kv_heads, gpad, d].
-    q4 = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    if gpad != group:
-        q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, gpad - group), (0, 0)))
+    q4 = common.group_queries(q, num_kv_heads, gpad)
     tok = bmap["tok0"][:, None] + jnp.arange(bq, dtype=jnp.int32)[None, :]
     qb = q4[jnp.clip(tok, 0, num_tokens - 1)]
-    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    layer_arr = common.layer_array(layer)
 
     kernel = functools.partial(
         _ragged_kernel,
-        scale_log2e=scale * _LOG2E,
+        scale_log2e=scale * common.LOG2E,
         block_size=block_size,
         pages_per_compute_block=ppcb,
     )
-    whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+    whole = common.whole
     tile = pl.BlockSpec((None, bq, None, gpad, head_dim), lambda i, h: (i, 0, h, 0, 0))
     out = pl.pallas_call(
         kernel,

@@ -1,4 +1,5 @@
-"""Per-GPU tunables for the paged attention kernels, and the Triton switch.
+"""Per-GPU tunables for the paged attention kernels (from the GPUs of `gpus.py`), and the
+Triton switch.
 
 Every Triton-specific choice of `pallas_kernels/` lives in this file: the
 `compiler_params` object that makes Pallas lower through Triton instead of
@@ -21,27 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class Gpu:
-    name: str
-    sms: int  # streaming multiprocessors: how many CTAs make one wave
-    smem_kib: int  # max dynamic shared memory per CTA (pipeline buffers)
-    stages: int  # cp.async (A100) / TMA-era (H100) pipeline depth
-
-
-# A100: 108 SMs, 164 KiB smem per CTA; H100 SXM: 132 SMs, 227 KiB. H100's
-# larger smem and higher memory latency x bandwidth product pay for one more
-# pipeline stage (more K/V bytes in flight per SM).
-GPUS = {
-    "a100": Gpu("a100", sms=108, smem_kib=164, stages=2),
-    "h100": Gpu("h100", sms=132, smem_kib=227, stages=3),
-}
+from .gpus import GPUS, Gpu
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,15 +160,3 @@ def ragged_params(
     if num_stages is None:
         num_stages = g.stages
     return RaggedParams(block_q, ppcb, num_warps, num_stages)
-
-
-def check_pow2(name: str, value: int, minimum: int = 1):
-    if value < minimum or value & (value - 1):
-        raise ValueError(
-            f"{name}={value} must be a power of two >= {minimum} "
-            "(Triton tensor shapes are powers of two)"
-        )
-
-
-def group_padded(group: int, minimum: int) -> int:
-    return max(minimum, 1 << math.ceil(math.log2(group)) if group > 1 else 1)

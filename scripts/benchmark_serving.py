@@ -1,19 +1,13 @@
 #!/usr/bin/env python3
-"""Serving benchmark against a running server (the same code as `jpaged bench serving`).
+"""Serving benchmark against a running server (`jpaged serve`): `jpaged bench serving` as a script.
 
-    python -m jpaged.server --max-num-seqs 32 &          # or: jpaged serve ...
-    python scripts/benchmark_serving.py --workload /path/sharegpt_short_64.json \\
-        --sweep 0.25,0.5,1,2 --plot serving.png --output serving.json
+    python scripts/benchmark_serving.py --workload sharegpt_short_64 --sweep 0.25,0.5,1,2 --plot serving.png
 
-See jpaged/bench_serving.py for what is measured.
+All measuring happens in `jpaged.benchmarks.serving`, the code `jpaged bench serving` runs.
 """
-import argparse
 import sys
 
-from jpaged.bench_serving import add_bench_serving_arguments, cmd_bench_serving
+from jpaged.cli.main import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_bench_serving_arguments(parser)
-    sys.exit(cmd_bench_serving(parser.parse_args()))
+    sys.exit(main(["bench", "serving", *sys.argv[1:]]))

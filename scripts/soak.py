@@ -27,6 +27,8 @@ import time
 
 import httpx
 
+from jpaged.arg_utils import add_engine_flags, collect
+
 
 def _metrics(text: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
@@ -179,18 +181,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--served-model-name", default=None, help="'model' field to send")
     parser.add_argument("--api-key", default=None)
-    try:
-        from jpaged.cli import _add_engine_flags, _collect
-        _add_engine_flags(parser)
-    except ImportError:
-        _collect = None
+    add_engine_flags(parser)
     args = parser.parse_args(argv)
     handle = None
     url = args.url
     if url is None:
-        from jpaged.server import start_server
-        engine_args = {"max_num_seqs": 32, "max_model_len": 512, "kv_cache_memory": 64 << 20}
-        engine_args.update(_collect(args, "engine.") if _collect else {})
+        from jpaged import start_server
+        engine_args = collect(args, "engine.", {"max_num_seqs": 32, "max_model_len": 512,
+                                                "kv_cache_memory": 64 << 20})
         print("starting a server ...", file=sys.stderr, flush=True)
         handle = start_server(args.model, api_key=args.api_key, **engine_args)
         url = handle.url

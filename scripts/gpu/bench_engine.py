@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Engine throughput on a real GPU (A100 / H100): the offline benchmark of
-`jpaged bench throughput` (`jpaged.bench.throughput_benchmark`) with GPU
+`jpaged bench throughput` (`jpaged.benchmarks.throughput.throughput_benchmark`) with GPU
 defaults: Pallas attention kernels, bfloat16, a KV pool sized from the
 device's memory, 256 sequences per step.
 
@@ -33,7 +33,7 @@ SYNTHETIC = {  # mean prompt, mean output, sigma of the log-normal
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jpaged.cli import parse_bytes
+    from jpaged.arg_utils import parse_bytes
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import jax
 
-    from jpaged.bench import format_result, throughput_benchmark
+    from jpaged.benchmarks.throughput import format_throughput, throughput_benchmark
     from jpaged.models.loader import load_config, resolve_model_path
 
     dev = jax.devices()[0]
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     result["device"] = dev.device_kind
     if args.workload is None:
         result["workload"] = f"synthetic {args.synthetic} x {args.num_requests}"
-    print(json.dumps(result, indent=2) if args.json else format_result(result), flush=True)
+    print(json.dumps(result, indent=2) if args.json else format_throughput(result), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

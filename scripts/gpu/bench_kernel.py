@@ -82,6 +82,7 @@ def run(args) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
     from jpaged.pallas_kernels import paged_attention
+    from jpaged.utils import cdiv
 
     if jax.devices()[0].platform != "gpu" and not args.interpret:
         raise SystemExit("bench_kernel.py needs an NVIDIA GPU (or --interpret)")
@@ -92,7 +93,7 @@ def run(args) -> list[dict]:
     rows = []
     for batch in args.batch:
         for ctx in args.context:
-            pages = -(-ctx // bs)
+            pages = cdiv(ctx, bs)
             num_blocks = batch * pages
             pool_shape = (args.num_layers, kvh, num_blocks, bs, d)
             key = jax.random.PRNGKey(batch * 100003 + ctx)

@@ -19,7 +19,7 @@ prints a Markdown table:
   temp MB       memory_analysis().temp_size_in_bytes (the pool is not copied)
 
 These are ESTIMATES FROM COMPILED PROGRAMS, NOT MEASUREMENTS. How they are read
-(jpaged/aot.py, `step_cost`): a deviceless executable has no cost analysis
+(jpaged/aot/hlo_cost.py, `step_cost`): a deviceless executable has no cost analysis
 (`compiled.cost_analysis()` is None), so XLA's HloCostAnalysis is run over the
 optimized HLO, with every loop counted as many times as it runs, the pool-shaped
 buffers taken out (XLA would count each in-place scatter as a whole-pool
@@ -66,23 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def row(model_name, gpu, batch, args, dump_dir):
-    from jpaged import aot
-    from jpaged.input_builder import bucket as pad_bucket
+    from jpaged.aot import hlo_cost, step
+    from jpaged.pallas_kernels.gpus import GPUS
+    from jpaged.runner.input_builder import bucket as pad_bucket
+    from jpaged.utils import cdiv
 
-    cfg = aot.MODELS[model_name]()
-    target = aot.GPUS[gpu]
+    cfg = step.MODELS[model_name]()
+    target = GPUS[gpu]
     # Shapes first (weights' bytes decide the pool's size), then the real compile.
-    probe = aot.Bucket.decode(8, max_model_len=args.max_model_len, num_blocks=1,
-                              block_size=args.block_size)
-    weights = aot.weight_bytes(aot.step_specs(cfg, probe))
+    probe = step.Bucket.decode(8, max_model_len=args.max_model_len, num_blocks=1,
+                               block_size=args.block_size)
+    weights = hlo_cost.weight_bytes(step.step_specs(cfg, probe))
     kv_budget = int(args.kv_memory_fraction * target.memory_bytes) - weights
-    budget_blocks = aot.blocks_for_memory(cfg, kv_budget, args.block_size)
+    budget_blocks = step.blocks_for_memory(cfg, kv_budget, args.block_size)
     B = pad_bucket(batch, 8)
     # The pool holds this batch (and one max_model_len sequence), no more: a pool filling
     # the GPU makes XLA rematerialize (recompute) the logits matmul to fit its temporaries,
     # which would blur the estimate (see --kv-memory-fraction).
-    pages = -(-args.max_model_len // args.block_size)
-    blocks_needed = batch * -(-(args.context + 1) // args.block_size)
+    pages = cdiv(args.max_model_len, args.block_size)
+    blocks_needed = batch * cdiv(args.context + 1, args.block_size)
     num_blocks = max(blocks_needed, pages) + 1
     if args.fill_pool:
         num_blocks = budget_blocks
@@ -91,12 +93,12 @@ def row(model_name, gpu, batch, args, dump_dir):
         # the budget keeps the compile clear of rematerialization, and the kernel's
         # traffic does not depend on the pool's size.
         num_blocks = budget_blocks // 2
-    b = aot.Bucket.decode(B, max_model_len=args.max_model_len, num_blocks=num_blocks,
-                          block_size=args.block_size)
+    b = step.Bucket.decode(B, max_model_len=args.max_model_len, num_blocks=num_blocks,
+                           block_size=args.block_size)
     start = time.perf_counter()
-    compiled = aot.compile_step(cfg, b, gpu, dump_to=dump_dir)
+    compiled = step.compile_step(cfg, b, gpu, dump_to=dump_dir)
     compile_s = time.perf_counter() - start
-    cost = aot.step_cost(compiled, cfg, b, [args.context] * batch, gpu)
+    cost = hlo_cost.step_cost(compiled, cfg, b, [args.context] * batch, gpu)
     mem = compiled.memory_analysis()
 
     # The kernel's launch grid as compiled, against the model's.
@@ -130,7 +132,7 @@ def row(model_name, gpu, batch, args, dump_dir):
         "tokens_per_s": batch / floor,
         "ideal_bytes": ideal_bytes, "ideal_flops": ideal_flops, "ideal_floor_s": ideal_floor,
         "ideal_tokens_per_s": batch / ideal_floor,
-        "temp_bytes": mem.temp_size_in_bytes, "pool_bytes": aot.pool_bytes(cfg, b),
+        "temp_bytes": mem.temp_size_in_bytes, "pool_bytes": step.pool_bytes(cfg, b),
         "fits": blocks_needed <= budget_blocks, "compile_s": compile_s,
     }
 
@@ -154,13 +156,9 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ["JAX_PLATFORMS"] = "cpu"  # before jax: the CUDA plugin fails cuInit without a GPU
-    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 3, "shared",
-                          "gpu_targets")
-    if os.path.isdir(beside):
-        os.environ.setdefault("JPAGED_GPU_TARGETS", os.path.normpath(beside))
-    from jpaged import aot
+    from jpaged.aot.targets import deviceless_unavailable_reason
     for gpu in args.gpu:
-        reason = aot.deviceless_unavailable_reason(gpu)
+        reason = deviceless_unavailable_reason(gpu)
         if reason:
             print(f"cannot compile for {gpu}: {reason}", file=sys.stderr)
             return 2

@@ -1,0 +1,266 @@
+"""Continuous batching: which sequences run this step, and how many tokens each
+(docs/design.md, "Scheduling and preemption").
+
+Every step first takes one token of every running sequence that has one to
+compute (decode), then fills what is left of `max_num_batched_tokens` with
+prompt chunks of partly prefilled or waiting sequences (prefill), as vLLM's V1
+scheduler does: a step with prompt chunks is a mixed step (decode rows first,
+`num_decode` of them) and the running sequences keep generating while new
+requests are prefilled, instead of waiting for every prefill step to pass. A
+step that had to preempt admits no new request (the victim would come straight
+back).
+
+Sharing: a request with `best_of > 1` is admitted as one sequence; when its
+prompt's last chunk is scheduled, the other samples are forked from it (sharing
+every block) and join the same step with zero new tokens, so all of them sample
+from the prompt's logits. Writing into a shared block is copy-on-write: the
+batch lists the block copies the engine does before the step.
+
+Preemption, when a decode step runs out of blocks: the most recently admitted
+running sequence is the victim. `recompute` (default) frees its blocks and puts
+it back at the front of the queue, to be prefilled again (cached prefix blocks
+come back for free). `swap` moves the victim's whole request group to host blocks
+(shared blocks stay shared) and back before it resumes; while anything is swapped
+out, no new request is admitted. Swap falls back to recompute when the host space
+is full or the group is all that runs.
+"""
+from __future__ import annotations
+
+import collections
+
+from jpaged.config import EngineConfig
+from jpaged.exceptions import BeamSearchDoesNotFitError
+
+from .block_manager import BlockManager
+from .scheduler_output import SchedulerOutput
+from .sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.swapped: collections.deque[list[Sequence]] = collections.deque()  # groups, first in first
+        self.num_preemptions = 0
+        self.num_swap_outs = 0
+        # Admitting a new sequence leaves this many blocks free for running ones to
+        # grow into, so that a full pool does not preempt on the very next step.
+        self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            for group in self.swapped:
+                if seq in group:
+                    group.remove(seq)
+                    if not group:
+                        self.swapped.remove(group)
+                    break
+        seq.pending_forks = []
+        self.block_manager.free(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A running sequence gains a sibling that shares its blocks (beam search)."""
+        assert parent.status is SequenceStatus.RUNNING
+        self.block_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+
+    def schedule(self) -> SchedulerOutput | None:
+        bm = self.block_manager
+        for seq in self.running:  # blocks filled by the last step join the prefix cache
+            bm.cache_blocks(seq)
+        ops = SchedulerOutput([], [], False)
+        self._schedule_swap_in(ops)
+        preemptions = self.num_preemptions
+        decode = self._schedule_decode(ops)
+        budget = self.config.max_num_batched_tokens - (decode.num_tokens if decode else 0)
+        prefill = self._schedule_prefill(ops, admit=not self.swapped and self.num_preemptions == preemptions,
+                                         budget=max(0, budget))
+        batch = prefill or decode
+        if prefill and decode:
+            batch = SchedulerOutput(decode.seqs + prefill.seqs, decode.num_new_tokens + prefill.num_new_tokens,
+                                   is_prefill=True, num_decode=len(decode.seqs))
+        if batch is None and not ops.has_block_ops and self._stalled():
+            self._break_stall()
+            return self.schedule()
+        if batch is None:
+            return ops if ops.has_block_ops else None
+        batch.blocks_to_swap_in = ops.blocks_to_swap_in
+        batch.blocks_to_swap_out = ops.blocks_to_swap_out
+        batch.blocks_to_copy = ops.blocks_to_copy
+        return batch
+
+    def _group_size(self, seq: Sequence) -> int:
+        """Sequences admitting `seq` will add to the running set (with its forks to come)."""
+        beam = seq.request.beam
+        if beam is not None and seq.num_output_tokens == 0:
+            return max(1, beam.width)
+        return 1 + len(seq.pending_forks)
+
+    def _schedule_prefill(self, ops: SchedulerOutput, admit: bool, budget: int) -> SchedulerOutput | None:
+        bm = self.block_manager
+        bs = bm.block_size
+        seqs, counts = [], []
+        # Prompts still being prefilled; one whose samples fork with its last chunk stays
+        # here down to its last token (decode batches get reordered, forks need order).
+        partial = [s for s in self.running
+                   if s.num_uncomputed_tokens > 1 or (s.pending_forks and s.num_uncomputed_tokens)]
+        for seq in partial + (list(self.waiting) if admit else []):
+            if budget == 0:
+                break
+            is_new = seq.status is SequenceStatus.WAITING
+            if is_new and len(self.running) + self._group_size(seq) > self.config.max_num_seqs:
+                break
+            hits = bm.match_prefix(seq) if is_new else []
+            free = bm.num_free_blocks - bm.num_evictable(hits) - (self.watermark_blocks if is_new else 0)
+            if hits:
+                computed, table = len(hits) * bs, len(hits)
+            else:
+                computed, table = seq.num_computed_tokens, len(seq.block_table)
+                free -= bm.cow_blocks_needed(seq, computed + 1)
+            room = free * bs + table * bs - computed
+            chunk = min(seq.num_tokens - computed, budget, room)
+            if chunk <= 0:
+                break
+            if is_new and not seq.block_table:
+                bm.take_prefix(seq, hits)
+            ops.blocks_to_copy += bm.append(seq, seq.num_computed_tokens + chunk)
+            if is_new:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            seqs.append(seq)
+            counts.append(chunk)
+            budget -= chunk
+            self._fork_pending(seq, chunk, seqs, counts)
+        return SchedulerOutput(seqs, counts, is_prefill=True) if seqs else None
+
+    def _fork_pending(self, seq: Sequence, chunk: int, seqs: list, counts: list) -> None:
+        """If this step completes `seq`'s prompt, fork its pending samples: they share all
+        of its blocks and sample from its last token's logits in this same step (rows with
+        0 new tokens right after it)."""
+        if not seq.pending_forks or seq.num_computed_tokens + chunk != seq.num_tokens:
+            return
+        for child in seq.pending_forks:
+            self.block_manager.fork(seq, child)
+            child.num_computed_tokens = seq.num_tokens
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+            seqs.append(child)
+            counts.append(0)
+        seq.pending_forks = []
+
+    def _schedule_decode(self, ops: SchedulerOutput) -> SchedulerOutput | None:
+        bm = self.block_manager
+        scheduled: list[Sequence] = []
+        copies: dict[int, list[tuple[int, int]]] = {}
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below by an older sequence
+                continue
+            if seq.num_uncomputed_tokens == 0:  # a beam waiting for its siblings' logits
+                continue
+            while not bm.can_append(seq, seq.num_computed_tokens + 1):
+                victims = self._preempt(scheduled, copies, ops)
+                if seq in victims:
+                    if self.running and all(s.num_uncomputed_tokens == 0 and s.request is seq.request
+                                            for s in self.running):
+                        self._does_not_fit()
+                    break
+            else:
+                if seq.num_uncomputed_tokens == 1 and not seq.pending_forks:
+                    copies[seq.seq_id] = bm.append(seq, seq.num_computed_tokens + 1)
+                    scheduled.append(seq)
+        for seq in scheduled:
+            ops.blocks_to_copy += copies.get(seq.seq_id, [])
+        if not scheduled:
+            return None
+        return SchedulerOutput(scheduled, [1] * len(scheduled), is_prefill=False)
+
+    def _preempt(self, scheduled: list[Sequence], copies: dict, ops: SchedulerOutput) -> list[Sequence]:
+        """Preempt the newest running sequence (swap: with its request group); return the victims."""
+        bm = self.block_manager
+        victim = self.running[-1]
+        group = [s for s in self.running if s.request is victim.request]
+        self.num_preemptions += 1
+        if (self.config.preemption_mode == "swap" and len(group) < len(self.running)
+                and bm.can_swap_out(group)):
+            for s in group:  # undo this step's copy-on-write and growth for the group first
+                if s in scheduled:
+                    scheduled.remove(s)
+                    bm.undo_copies(s, copies.pop(s.seq_id, []))
+            for s in group:
+                self.running.remove(s)
+                bm.trim(s)
+                s.status = SequenceStatus.SWAPPED
+            ops.blocks_to_swap_out += bm.swap_out(group)
+            self.swapped.appendleft(group)
+            self.num_swap_outs += 1
+            return group
+        self._requeue(victim, 0)
+        return [victim]
+
+    def _requeue(self, victim: Sequence, at: int) -> None:
+        """Recompute preemption: free `victim`'s blocks and queue it at `waiting[at]`."""
+        self.running.remove(victim)
+        self.block_manager.free(victim)
+        victim.status = SequenceStatus.WAITING
+        self.waiting.insert(at, victim)
+
+    def _stalled(self) -> bool:
+        """Nothing can run: every running sequence is a beam waiting for a sibling's logits,
+        and what is queued or swapped out does not fit next to them."""
+        return bool(self.running and (self.waiting or self.swapped)
+                    and all(s.num_uncomputed_tokens == 0 for s in self.running))
+
+    def _break_stall(self) -> None:
+        """Recompute-preempt the newest idle beam of another request than the first one held
+        up, so that the held-up request gets its room (its own beams wait for it)."""
+        blocked = self.swapped[0][0].request if self.swapped else self.waiting[0].request
+        others = [s for s in self.running if s.request is not blocked]
+        if not others:
+            self._does_not_fit()
+        self._requeue(others[-1], 1 if self.waiting else 0)
+        self.num_preemptions += 1
+
+    def _does_not_fit(self):
+        raise BeamSearchDoesNotFitError(
+            f"a beam-search request with {len(self.running) + 1} beams does not fit in the KV "
+            f"pool ({self.block_manager.num_blocks} blocks): raise kv_cache_memory or lower "
+            f"the beam width")
+
+    def _schedule_swap_in(self, ops: SchedulerOutput) -> None:
+        bm = self.block_manager
+        while self.swapped:
+            group = self.swapped[0]
+            if len(self.running) + len(group) > self.config.max_num_seqs:
+                break
+            reserve = (self.watermark_blocks + len(group)) if self.running else 0
+            if not bm.can_swap_in(group, reserve):
+                if self.running:
+                    break
+                # Nothing runs and the group does not fit: recompute it instead.
+                self.swapped.popleft()
+                for s in reversed(group):
+                    bm.free(s)
+                    s.status = SequenceStatus.WAITING
+                    self.waiting.appendleft(s)
+                continue
+            self.swapped.popleft()
+            ops.blocks_to_swap_in += bm.swap_in(group)
+            for s in group:
+                s.status = SequenceStatus.RUNNING
+                self.running.append(s)

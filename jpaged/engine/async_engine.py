@@ -1,0 +1,309 @@
+"""The engine loop in a background thread, streaming outputs to asyncio consumers
+(docs/design.md, "Serving").
+
+The engine core (an `LLM`) is synchronous and single-threaded, and a JAX step blocks,
+so one thread owns it and makes every call on it. Coroutines talk to that thread
+through a command queue: `generate()` queues an "add" and then awaits the
+request's own asyncio queue, which the engine thread fills after each step
+through `loop.call_soon_threadsafe`; leaving `generate()` early (the consumer
+stops, or its task is cancelled because the client went away) queues an
+"abort", which frees the request's KV blocks before the next step. An idle
+engine blocks on the command queue, so it uses no CPU between requests.
+
+    engine = AsyncEngine(LLM(...))            # starts the thread
+    async for out in engine.generate(prompt, SamplingParams(max_tokens=8)):
+        print(out.outputs[0].text)            # cumulative text, as LLM.step gives it
+    engine.shutdown()
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from jpaged.exceptions import EngineDeadError, EngineStepError
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+logger = logging.getLogger("jpaged.engine.async_engine")
+
+
+class _Stream:
+    """The consumer side of one request: an asyncio queue on the consumer's loop."""
+
+    __slots__ = ("loop", "queue", "request_id", "finished")
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+
+def _deliver(items: list[tuple[_Stream, Any]]) -> None:  # runs on the consumer's loop
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
+class AsyncEngine:
+    """Owns `core` (an EngineCore, such as an LLM) from now on: after construction, call
+    its methods only through this."""
+
+    def __init__(self, core, *, name: str = "jpaged-engine"):
+        self.core = core
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
+        self._front: list = []  # a command taken off the queue early, to run first
+        self._stopping = False
+        self.dead: BaseException | None = None
+        self.snapshot: dict[str, Any] = {}
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- the consumer side (any thread, usually the event loop's) ---------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None
+
+    async def generate(self, prompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue one request and yield its RequestOutputs as steps advance it; the last
+        one has `finished=True`. ValueError/TypeError from `LLM.add_request` (bad
+        prompt or params) is raised here before any output. Leaving early aborts."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine has stopped: {self.dead!r}")
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(request_id, asyncio.get_running_loop())
+        self._commands.put(("add", stream, prompt, params))
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    stream.finished = True
+                    raise item
+                if item.finished:
+                    stream.finished = True
+                yield item
+                if stream.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self._commands.put(("abort", request_id))
+
+    async def generate_many(self, jobs, disconnected=None, on_finish=None, on_abort=None):
+        """Run several requests at once, each job `(prompt, params, request_id)`; yield
+        (job index, RequestOutput) as outputs come. Ends early (aborting what is left)
+        when the coroutine function `disconnected` returns, or when the consumer leaves.
+        `on_finish(arrival, first_token_time, RequestOutput)` is called per finished
+        job (times from time.monotonic()); `on_abort()` per aborted one."""
+        sink: asyncio.Queue = asyncio.Queue()
+        gone = object()
+
+        async def pump(i, prompt, params, request_id):
+            arrival, first, out = time.monotonic(), None, None
+            try:
+                async with contextlib.aclosing(self.generate(prompt, params, request_id)) as agen:
+                    async for out in agen:
+                        if first is None and any(c.token_ids for c in out.outputs):
+                            first = time.monotonic()
+                        sink.put_nowait((i, out))
+                if on_finish is not None and out is not None:
+                    on_finish(arrival, first, out)
+            except asyncio.CancelledError:
+                if on_abort is not None and not (out is not None and out.finished):
+                    on_abort()
+                raise
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                sink.put_nowait((i, e))
+                return
+            sink.put_nowait((i, None))
+
+        async def watch():
+            await disconnected()
+            sink.put_nowait((-1, gone))
+
+        tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
+        if disconnected is not None:
+            tasks.append(asyncio.create_task(watch()))
+        try:
+            remaining = len(jobs)
+            while remaining:
+                i, item = await sink.get()
+                if item is gone:
+                    return
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def call_sync(self, fn: Callable, *args, timeout: float | None = None) -> Any:
+        """Run `fn(core, *args)` on the engine thread between steps and return its result
+        (from a plain thread: tests, scripts)."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run(core):
+            try:
+                box["value"] = fn(core, *args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box["error"] = e
+            done.set()
+        self._commands.put(("call", run))
+        if not done.wait(timeout):
+            raise TimeoutError("the engine thread did not answer in time")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort everything, stop the thread and wait for it (a step in flight finishes)."""
+        self._stopping = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self.core
+        try:
+            while True:
+                # Block only while idle; between steps take whatever is queued.
+                block = not core.has_unfinished_requests()
+                if not self._drain(block):
+                    break
+                if not core.has_unfinished_requests():
+                    continue
+                steps = core.stats.steps
+                try:
+                    outputs = core.step()
+                except Exception as e:  # noqa: BLE001 - keep serving the next requests
+                    self._step_failed(e)
+                    continue
+                self._dispatch(outputs)
+                self._publish()
+                if not outputs and core.stats.steps == steps:
+                    self._wait_for_command(0.01)  # nothing could be scheduled: do not spin
+        except BaseException as e:  # noqa: BLE001
+            logger.exception("engine thread died")
+            self.dead = e
+        finally:
+            self._fail_all(self.dead or EngineDeadError("the engine was shut down"))
+            self._publish()
+
+    def _drain(self, block: bool) -> bool:
+        """Run queued commands; False on "stop"."""
+        changed = False
+        while True:
+            try:
+                cmd = self._front.pop() if self._front else \
+                    self._commands.get(block=block) if block else self._commands.get_nowait()
+            except queue.Empty:
+                break
+            block = False
+            kind = cmd[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(*cmd[1:])
+                changed = True
+            elif kind == "abort":
+                stream = self._streams.pop(cmd[1], None)
+                if stream is not None:
+                    self.core.abort_request(cmd[1])
+                    changed = True
+            elif kind == "call":
+                cmd[1](self.core)
+        if changed:
+            self._publish()
+        return True
+
+    def _wait_for_command(self, timeout: float) -> None:
+        try:
+            self._front.append(self._commands.get(timeout=timeout))  # _drain takes it first
+        except queue.Empty:
+            pass
+
+    def _add(self, stream: _Stream, prompt, params) -> None:
+        if self._stopping:
+            self._send([(stream, EngineDeadError("the engine is shutting down"))])
+            return
+        if stream.request_id in self._streams:
+            self._send([(stream, ValueError(f"request_id {stream.request_id!r} is already running"))])
+            return
+        try:
+            self.core.add_request(prompt, params, request_id=stream.request_id)
+        except (ValueError, TypeError) as e:
+            self._send([(stream, e)])
+            return
+        self._streams[stream.request_id] = stream
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        items = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            items.append((stream, out))
+        self._send(items)
+
+    def _send(self, items: list[tuple[_Stream, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in items:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: its consumers are gone
+                for stream, _ in batch:
+                    if self._streams.pop(stream.request_id, None) is not None:
+                        self.core.abort_request(stream.request_id)
+
+    def _step_failed(self, error: Exception) -> None:
+        logger.exception("engine step failed; aborting the %d requests in flight",
+                         len(self._streams))
+        self._fail_all(EngineStepError(f"the engine step failed: {error!r}"))
+        for request_id in list(self.core.requests):
+            self.core.abort_request(request_id)
+        self._publish()
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            try:
+                self.core.abort_request(stream.request_id)
+            except Exception:  # noqa: BLE001
+                logger.exception("abort of %s failed", stream.request_id)
+        self._send([(s, error) for s in streams])
+
+    def _publish(self) -> None:
+        """A snapshot of the engine's state for other threads (metrics, health)."""
+        core = self.core
+        try:
+            counts = core.num_requests()
+            snap = {"kv": core.kv_cache_stats(), "num_running": counts["running"],
+                    "num_waiting": counts["waiting"], "num_swapped": counts["swapped"],
+                    "num_requests": len(core.requests), "stats": dataclasses.replace(core.stats),
+                    "compilations": core.num_compilations(), "time": time.monotonic()}
+        except Exception:  # noqa: BLE001 - an engine mid-change must not kill the loop
+            logger.exception("could not read the engine's stats")
+            return
+        self.snapshot = snap

@@ -1,0 +1,262 @@
+"""The engine core: requests in, one step at a time, RequestOutputs out.
+
+Each `step()` runs the data flow once: scheduler (which sequences, how many tokens, which
+block operations) -> block operations on the pool (swaps, copy-on-write copies) -> model
+runner (input builder, jitted forward + sampling) -> output processing (append tokens,
+detokenize, stop checks) -> finished sequences' blocks freed. It owns the runner, so it
+sits above the host side (`jpaged.core`) and may import jax; `LLM` is a thin layer on it
+and the server's `AsyncEngine` drives it from a thread (docs/design.md, "One step").
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Sequence as Seq
+
+import jax
+import numpy as np
+
+from jpaged.config import EngineConfig
+from jpaged.core.block_manager import BlockManager
+from jpaged.core.scheduler import Scheduler
+from jpaged.core.scheduler_output import SchedulerOutput
+from jpaged.core.sequence import Request, Sequence
+from jpaged.exceptions import InvalidRequestError, InvalidRequestTypeError
+from jpaged.outputs import RequestOutput
+from jpaged.runner.kv_cache import plan_kv_cache
+from jpaged.runner.model_loader import load_model
+from jpaged.runner.model_runner import ModelRunner, enable_compilation_cache, num_step_compilations
+from jpaged.runner.sampling_tensors import sampler_mode
+from jpaged.sampling_params import BeamSearchParams, SamplingParams
+
+from .beam_search import BeamGroup, beam_sampling_params
+from .detokenizer import DetokState
+from .input_processor import InputProcessor, ProcessedPrompt, PromptType
+from .output_processor import OutputProcessor, finish
+from .stats import EngineStats
+
+# Sampling defaults when the model's files set none (the embedded GGUF has no generation
+# config): greedy, because a small instruct model's first tokens are too uncertain to
+# sample from (asked "What is the capital of France?", SmolLM2-135M starts with "The" at
+# 15% and "L" at 14%; sampled, even at temperature 0.2, a third of the answers drift into
+# French-like text; greedy answers "The capital of France is Paris."). `SamplingParams()`
+# itself keeps vLLM's defaults (temperature 1.0).
+DEFAULT_GENERATION_CONFIG = {"temperature": 0.0}
+
+
+class EngineCore:
+    """`model`: None (the embedded SmolLM2-135M-Instruct), a path to a Hugging Face folder or
+    a .gguf file, or an in-memory Flax model (then pass `params=` and `tokenizer=`). Other
+    keyword arguments: `EngineConfig` fields."""
+
+    def __init__(self, model=None, *, params=None, tokenizer=None, **engine_args):
+        self.config = config = EngineConfig(**engine_args)
+        enable_compilation_cache(config.compilation_cache_dir)
+        start = time.perf_counter()
+        loaded = load_model(model, params=params, tokenizer=tokenizer, dtype=config.dtype,
+                            scan_layers=config.scan_layers, attention_backend=config.attention_backend)
+        self.model_path = loaded.path  # the file or folder loaded (None: an in-memory model)
+        self.model_config = loaded.config
+        self.params = loaded.params
+        self.tokenizer = loaded.tokenizer
+        self.generation_config = loaded.generation_config or dict(DEFAULT_GENERATION_CONFIG)
+        eos = set(loaded.config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        kv = plan_kv_cache(config, loaded.config, jax.tree_util.tree_leaves(self.params)[0].dtype)
+        self.max_model_len = kv.max_model_len
+        self.runner = ModelRunner(loaded.module, self.params, loaded.config, loaded.backend, kv,
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_logprobs=config.max_logprobs, eos_token_ids=sorted(eos))
+        self.block_manager = BlockManager(kv.num_blocks, config.block_size,
+                                          config.enable_prefix_caching, kv.num_host_blocks)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.input_processor = InputProcessor(self.tokenizer, loaded.config.vocab_size, kv.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer, eos, kv.max_model_len)
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self.stats = EngineStats()
+        self._request_counter = itertools.count()
+        self._rng = np.random.default_rng(config.seed)
+        self.load_s = time.perf_counter() - start
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def default_sampling_params(self) -> SamplingParams:
+        """What a request without sampling parameters runs with: the model's generation
+        config (its generation_config.json) when it sets any, else
+        `DEFAULT_GENERATION_CONFIG`; every other field keeps SamplingParams' default."""
+        return SamplingParams(**self.generation_config)
+
+    def add_request(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams | None = None,
+                    request_id: str | None = None, *,
+                    beam_params: BeamSearchParams | None = None) -> str:
+        """Check and queue one request; raises `InvalidRequestError` (a ValueError / TypeError)
+        before touching any state. `beam_params` makes it a beam-search request."""
+        if beam_params is not None:
+            params = beam_sampling_params(beam_params, self.eos_token_ids, self.config.max_num_seqs,
+                                          self.config.max_logprobs)
+        params = params if params is not None else self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestTypeError(
+                f"sampling params must be SamplingParams, got {type(params).__name__}")
+        prompt = self.input_processor.process(prompt)
+        request_id = request_id if request_id is not None else str(next(self._request_counter))
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already running")
+        if params.best_of > self.config.max_num_seqs:  # its samples run together
+            raise InvalidRequestError(f"best_of (or n) = {params.best_of} exceeds max_num_seqs="
+                                      f"{self.config.max_num_seqs}", "n")
+        ids = prompt.token_ids
+        request = Request(request_id, prompt.text, ids, params, time.monotonic())
+        base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+        for i in range(params.best_of):
+            seq = Sequence(request, list(ids), len(ids), index=i,
+                           seed=(base_seed * 1_000_003 + i) & 0x7FFFFFFF if i else base_seed)
+            seq.detok_state = DetokState()
+            seq.logprobs = [] if params.logprobs is not None else None
+            request.seqs.append(seq)
+        # The other samples are forked from the first when its prompt is prefilled: they
+        # share the prompt's blocks (copy-on-write) and sample from its logits.
+        request.seqs[0].pending_forks = request.seqs[1:]
+        if beam_params is not None:
+            request.beam = BeamGroup(request, beam_params, self.eos_token_ids, self.max_model_len)
+        self.scheduler.add(request.seqs[0])
+        self.requests[request_id] = request
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.finished:
+                finish(seq, "abort")
+                self.scheduler.remove(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- sequences (for beam search) ------------------------------------------------------
+
+    def fork_sequence(self, parent: Sequence, child: Sequence) -> None:
+        """A running sequence gains a sibling that shares all its blocks."""
+        self.scheduler.fork(parent, child)
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """End a sequence of a running request and free what only it held."""
+        if not seq.finished:
+            finish(seq, "stop")
+        self.scheduler.remove(seq)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return outputs of the requests it advanced."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self._apply_block_ops(batch)
+        if not batch.seqs:  # only swaps this step
+            return []
+        out = self.runner.execute(batch)
+        touched: dict[str, Request] = {}
+        beams = {}
+        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            seq.num_computed_tokens += n
+            if batch.is_prefill and b >= batch.num_decode:
+                self.stats.prefill_tokens += n
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prompt chunk that samples nothing yet
+            if seq.request.beam is not None:  # beam search picks its tokens per request
+                seq.request.beam.receive(seq, out, b)
+                beams[seq.request.request_id] = seq.request
+                continue
+            self.output_processor.append_token(seq, out, b)
+            self.stats.output_tokens += 1
+            touched[seq.request.request_id] = seq.request
+        for request_id, request in beams.items():
+            self.stats.output_tokens += request.beam.advance(self)
+            if request.beam.done:
+                del self.requests[request_id]
+        self.stats.record_step(self.kv_cache_stats()["utilization"])
+        results = []
+        for request in touched.values():
+            for seq in request.seqs:
+                if seq.finished and seq.block_table:
+                    self.scheduler.remove(seq)
+            results.append(self.output_processor.request_output(request))
+            if request.finished:
+                del self.requests[request.request_id]
+        return results
+
+    def _apply_block_ops(self, batch: SchedulerOutput) -> None:
+        """Swaps and copy-on-write copies the scheduler asked for, before the step runs."""
+        if batch.blocks_to_swap_in:
+            self.runner.swap_in(batch.blocks_to_swap_in)
+        if batch.blocks_to_swap_out:
+            self.runner.swap_out(batch.blocks_to_swap_out)
+        if batch.blocks_to_copy:
+            self.runner.copy_blocks(batch.blocks_to_copy)
+        self.stats.blocks_copied += len(batch.blocks_to_copy)
+        self.stats.blocks_swapped += len(batch.blocks_to_swap_in) + len(batch.blocks_to_swap_out)
+
+    def warmup(self, sampling_params: Seq[SamplingParams] = (SamplingParams(temperature=0.0),),
+               buckets=None, use_tqdm: bool = True) -> float:
+        """Compile the step for every bucket this configuration can produce (or `buckets`),
+        for the sampler modes of `sampling_params`. Returns the seconds it took."""
+        from tqdm.auto import tqdm
+        start = time.perf_counter()
+        buckets = buckets if buckets is not None else self.runner.input_builder.step_buckets()
+        modes = list(dict.fromkeys(sampler_mode([sp], sp.min_tokens > 0, self.config.max_logprobs)
+                                   for sp in sampling_params))
+        with tqdm(total=len(buckets) * len(modes), desc="Compiling", disable=not use_tqdm,
+                  unit="shape") as bar:
+            for mode in modes:
+                for shape in buckets:
+                    self.runner.warmup(shape, mode)
+                    bar.update()
+        return time.perf_counter() - start
+
+    # ---- introspection --------------------------------------------------------------------
+
+    def kv_cache_stats(self) -> dict[str, Any]:
+        """The pool now: blocks in use and free, utilization (tokens stored / slots in the
+        blocks in use, shared blocks counted once), sharing, prefix cache and swap space."""
+        bm = self.block_manager
+        running = self.scheduler.running
+        stored = sum(s.num_computed_tokens for s in running)
+        if bm.num_logical_blocks != bm.num_used_blocks:  # shared blocks: count their tokens once
+            filled: dict[int, int] = {}
+            for s in running:
+                for i, block in enumerate(s.block_table):
+                    n = min(bm.block_size, max(0, s.num_computed_tokens - i * bm.block_size))
+                    filled[block] = max(filled.get(block, 0), n)
+            stored = sum(filled.values())
+        slots = bm.num_used_blocks * bm.block_size
+        return {"total_blocks": bm.num_blocks, "used_blocks": bm.num_used_blocks,
+                "free_blocks": bm.num_free_blocks, "block_size": bm.block_size,
+                "utilization": stored / slots if slots else 0.0,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "pool_bytes": self.runner.pool_bytes,
+                # sharing: blocks held per sequence, summed (what no sharing would need)
+                "logical_blocks": bm.num_logical_blocks,
+                "cached_blocks": bm.num_cached_blocks,
+                "prefix_cache_hit_rate": bm.prefix_cache.hit_rate,
+                "swapped_blocks": bm.swap_space.num_used_blocks,
+                "host_blocks": bm.swap_space.num_blocks}
+
+    def num_requests(self) -> dict[str, int]:
+        """Requests running, waiting and swapped out (a request's samples or beams count once)."""
+        sched = self.scheduler
+
+        def requests(seqs):
+            return len({id(s.request) for s in seqs})
+        return {"running": requests(sched.running), "waiting": requests(sched.waiting),
+                "swapped": requests(s for group in sched.swapped for s in group)}
+
+    def num_compilations(self) -> int:
+        """Step executables compiled (or loaded from the persistent cache) in this process."""
+        return num_step_compilations()

@@ -1,0 +1,1 @@
+"""What programs call: `LLM` (the batch API) and the OpenAI-compatible server (`openai/`)."""

@@ -1,0 +1,201 @@
+"""The OpenAI-compatible HTTP app (FastAPI) over a running `AsyncEngine`: its routes, its
+error handlers and its OpenAPI document.
+
+Endpoints: POST /v1/completions and /v1/chat/completions (streaming with server-sent
+events ending in `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus), POST
+/tokenize and /detokenize. Errors are 4xx/5xx with OpenAI's body `{"error": {"message",
+"type", "param", "code"}}`. `launcher.py` runs it (`jpaged.start_server`, `jpaged.serve`).
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jpaged.engine.async_engine import AsyncEngine
+from jpaged.engine.input_processor import ProcessedPrompt
+from jpaged.exceptions import EngineDeadError, InvalidRequestError, JpagedError
+from jpaged.version import __version__
+
+from . import formatters as F
+from . import protocol as P
+from .config import DEFAULT_MODEL_NAME, ServerConfig
+from .errors import classify, error_body, error_response
+from .metrics import CONTENT_TYPE_LATEST
+from .middleware import Guard
+from .serving import OpenAIServing
+
+logger = logging.getLogger("jpaged.entrypoints.openai")
+
+_ERRORS = {status: {"model": P.ErrorResponse, "description": desc} for status, desc in
+           [(400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+            (413, "request body too large"), (500, "server error"), (503, "engine not running")]}
+
+# One server-sent event as OpenAPI (before 3.2) documents a text/event-stream: each
+# `data` is a JSON chunk, the last one `[DONE]`.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                             "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
+def _stream_doc(model) -> dict:
+    return {200: {"model": model, "description": "JSON, or server-sent events when stream=true",
+                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}}, **_ERRORS}
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    """A pydantic validation failure as one error naming the (first) field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(
+            f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    msg = "; ".join(dict.fromkeys(  # a union field's branches are listed once each
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+        for e in errors[:6])) or "invalid request"
+    return InvalidRequestError(msg, loc[0] if loc else None)
+
+
+def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None, *,
+               api_key: str | None = None, max_n: int | None = None,
+               max_request_bytes: int | None = None) -> FastAPI:
+    """The FastAPI app over a running AsyncEngine; `app.state.jpaged` holds its state.
+    Unset limits take `ServerConfig`'s defaults."""
+    defaults = ServerConfig()
+    max_n = max_n if max_n is not None else defaults.max_n
+    max_request_bytes = max_request_bytes if max_request_bytes is not None else defaults.max_request_bytes
+    names = [served_model_name] if isinstance(served_model_name, str) else \
+        list(served_model_name or [DEFAULT_MODEL_NAME])
+    state = OpenAIServing(engine, names, max_n)
+    app = FastAPI(title="jpaged", version=__version__,
+                  description="OpenAI-compatible API of the jpaged engine")
+    app.state.jpaged = state
+
+    def reply(exc: BaseException):
+        status = classify(exc)[0]
+        if status == 500:
+            logger.error("request failed", exc_info=exc)
+        state.metrics.error(status)
+        return error_response(exc)
+
+    @app.exception_handler(JpagedError)
+    async def _jpaged(request, exc: JpagedError):
+        return reply(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        return reply(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        state.metrics.error(exc.status_code)
+        return error_body(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc):
+        return reply(exc)
+
+    @app.get("/health", responses={503: _ERRORS[503]})
+    async def health() -> dict[str, str]:
+        if not engine.alive:
+            raise EngineDeadError("the engine has stopped")
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=P.ModelList, responses=_ERRORS)
+    async def models():
+        return P.ModelList(data=[P.ModelCard(id=n, root=n, max_model_len=state.max_model_len)
+                                 for n in names])
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse,
+              responses=_stream_doc(P.CompletionResponse))
+    async def completions(req: P.CompletionRequest, raw: Request):
+        state.check_model(req.model)
+        if req.suffix:
+            raise InvalidRequestError("suffix is not supported", "suffix")
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", "echo")
+        prompts = state.prompts(req.prompt)
+        jobs = [(p, state.params(req, len(p.token_ids), req.max_tokens, req.logprobs)) for p in prompts]
+        fmt = F.CompletionFormatter(req, names[0], [(p.text, p.token_ids) for p in prompts],
+                                    state.decode, state.tokenizer)
+        return await state.respond(raw, req, jobs, fmt)
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+              responses=_stream_doc(P.ChatCompletionResponse))
+    async def chat_completions(req: P.ChatCompletionRequest, raw: Request):
+        state.check_model(req.model)
+        if req.tools:
+            raise InvalidRequestError("tools are not supported", "tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise InvalidRequestError("only response_format {'type': 'text'} is supported",
+                                      "response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        ids = state.chat_ids(req.messages, req.add_generation_prompt)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        prompt = ProcessedPrompt(None, ids)
+        jobs = [(prompt, state.params(req, len(ids), max_tokens, logprobs))]
+        fmt = F.ChatFormatter(req, names[0], [(None, ids)], state.decode, state.tokenizer)
+        return await state.respond(raw, req, jobs, fmt)
+
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS)
+    async def tokenize(req: P.TokenizeRequest):
+        state.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages", "prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise InvalidRequestError("messages is empty", "messages")
+            ids = state.chat_ids(req.messages, req.add_generation_prompt)
+        else:
+            ids = state.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        return P.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=list(ids))
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(req: P.DetokenizeRequest):
+        state.check_model(req.model)
+        if req.tokens:
+            state.inputs.check_token_ids(req.tokens, "tokens")
+        return P.DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
+
+    _finish_schema(app, {"token_id": state.vocab_size - 1, "n": max_n, "logprobs": state.max_logprobs,
+                         "max_tokens": state.max_model_len - 1})
+    app.add_middleware(Guard, api_key=api_key, max_bytes=max_request_bytes)
+    return app
+
+
+def _finish_schema(app: FastAPI, limits: dict[str, int]) -> None:
+    """The OpenAPI schema as served: validation errors are 400s with OpenAI bodies (not
+    FastAPI's 422), and fields marked with `x-jpaged-limit` get this server's maximum."""
+    original = app.openapi
+
+    def fill(node):
+        if isinstance(node, dict):
+            if "x-jpaged-limit" in node:
+                node["maximum"] = limits[node.pop("x-jpaged-limit")]
+            for value in node.values():
+                fill(value)
+        elif isinstance(node, list):
+            for value in node:
+                fill(value)
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = original()
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            fill(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+    app.openapi = openapi

@@ -1,0 +1,39 @@
+"""The server's own settings (beside the engine's `EngineConfig`): one dataclass whose
+field metadata makes the `jpaged serve` flags, as the engine's does."""
+from __future__ import annotations
+
+import dataclasses
+
+from jpaged.config import config_field
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = config_field("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = config_field(8000, "port to listen on; 0 picks a free one")
+    served_model_name: list[str] | None = config_field(
+        None, "model name(s) clients use; the first is reported [default: the model file's stem, "
+              f"{DEFAULT_MODEL_NAME} for the default model]")
+    api_key: str | None = config_field(
+        None, "require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+              "[default: $JPAGED_API_KEY, or none]")
+    max_n: int = config_field(16, "largest n / best_of a request may ask for")
+    max_request_bytes: int = config_field(4 << 20, "largest request body; takes units (4MiB) "
+                                                   "[default: 4MiB]", unit="bytes")
+    warmup: bool = config_field(False, "compile every step shape before serving (greedy sampling); "
+                                       "slow once, then served from the persistent compilation cache")
+    log_level: str = config_field("info", "uvicorn's and jpaged's log level", choices=LOG_LEVELS)
+
+    def __post_init__(self):
+        if isinstance(self.served_model_name, str):
+            self.served_model_name = [self.served_model_name]
+        if self.served_model_name is not None and not self.served_model_name:
+            raise ValueError("served_model_name must name at least one model")
+        for name in ("max_n", "max_request_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")

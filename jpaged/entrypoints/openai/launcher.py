@@ -1,0 +1,136 @@
+"""Running the OpenAI-compatible server: uvicorn in a thread around one engine.
+
+    import jpaged
+    jpaged.serve()                               # blocks: http://127.0.0.1:8000/v1
+
+    handle = jpaged.start_server(port=0)         # returns once it accepts connections
+    client = openai.OpenAI(base_url=handle.url + "/v1", api_key="unused")
+    ...
+    handle.shutdown()
+
+Binds 127.0.0.1 unless told otherwise; `api_key` makes every /v1, /tokenize and
+/detokenize request need `Authorization: Bearer KEY`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import pathlib
+import threading
+import time
+
+from jpaged.engine.async_engine import AsyncEngine
+from jpaged.engine.engine_core import EngineCore
+
+from .api_server import create_app
+from .config import DEFAULT_MODEL_NAME, ServerConfig
+
+logger = logging.getLogger("jpaged.entrypoints.openai")
+
+
+def default_model_name(model) -> str:
+    """The model path's stem (a folder's name); SmolLM2-135M-Instruct for the default model."""
+    if isinstance(model, EngineCore):
+        if model.model_path is None:  # an in-memory model
+            return "model"
+        model = model.model_path
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    if not isinstance(model, (str, pathlib.Path)):
+        return "model"
+    path = pathlib.Path(model)
+    with contextlib.suppress(Exception):
+        from jpaged.models.loader import resolve_model_path
+        if path.resolve() == resolve_model_path(None):
+            return DEFAULT_MODEL_NAME
+    return path.name if path.is_dir() else path.stem
+
+
+class ServerHandle:
+    """A server running in a background thread: `.url` ("http://127.0.0.1:PORT"), `.engine`
+    (the AsyncEngine; `.engine.call_sync(fn)` runs fn(core) on the engine thread), `.app`,
+    and `.shutdown()`, which stops uvicorn and then the engine (if it owns it)."""
+
+    def __init__(self, app, engine, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning", own_engine: bool = True):
+        import uvicorn
+        self.app, self.engine, self.own_engine = app, engine, own_engine
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=5, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, name="jpaged-uvicorn", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                self.shutdown()
+                raise RuntimeError(f"the server did not start on {host}:{port} (see the log)")
+            time.sleep(0.01)
+        self.host, self.port = host, self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{self.port}"
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.own_engine:
+            self.engine.shutdown(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
+                 served_model_name: str | list[str] | None = None, api_key: str | None = None,
+                 max_n: int | None = None, max_request_bytes: int | None = None,
+                 log_level: str = "warning", warmup: bool = False, params=None, tokenizer=None,
+                 **engine_args) -> ServerHandle:
+    """Load the model, start the engine and uvicorn in background threads, and return once
+    the server accepts connections: `with start_server(port=0) as h: ... h.url ...`.
+    `model`: a path, None for the embedded default, an in-memory Flax model (with `params=`
+    and `tokenizer=`) or an `LLM` (an EngineCore), which the server then owns;
+    `engine_args`: EngineConfig fields; the rest: `ServerConfig` fields. `warmup`: compile
+    every step shape first (greedy sampling; `LLM.warmup`), so no request waits for a
+    compilation. `port=0` picks a free port. To serve another app (say with an API key)
+    over the same engine: `ServerHandle(create_app(h.engine, api_key=KEY), h.engine,
+    own_engine=False)`."""
+    defaults = ServerConfig()
+    server = ServerConfig(host=host, port=port, served_model_name=served_model_name,
+                          api_key=api_key, max_n=max_n if max_n is not None else defaults.max_n,
+                          max_request_bytes=max_request_bytes if max_request_bytes is not None
+                          else defaults.max_request_bytes, warmup=warmup, log_level=log_level)
+    if isinstance(model, EngineCore):
+        core = model
+    else:
+        from jpaged.entrypoints.llm import LLM
+        core = LLM(model, params=params, tokenizer=tokenizer, **engine_args)
+    if server.warmup:
+        logger.warning("compiled %d step shapes in %.0f s", len(core.runner.input_builder.step_buckets()),
+                       core.warmup(use_tqdm=server.log_level in ("info", "debug")))
+    engine = AsyncEngine(core)
+    try:
+        app = create_app(engine, server.served_model_name or default_model_name(model),
+                         api_key=server.api_key, max_n=server.max_n,
+                         max_request_bytes=server.max_request_bytes)
+        return ServerHandle(app, engine, server.host, server.port, server.log_level)
+    except BaseException:
+        engine.shutdown()
+        raise
+
+
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+          **kwargs) -> None:
+    """Serve until Ctrl-C or SIGTERM (the arguments of `start_server`). In a thread, or for a
+    handle to stop it, use `start_server` instead."""
+    handle = start_server(model, host, port, log_level=log_level, **kwargs)
+    logger.warning("jpaged serving %s at %s/v1", handle.app.state.jpaged.names[0], handle.url)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it as Ctrl-C does
+        import signal
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while handle.thread.is_alive():
+            handle.thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.shutdown()

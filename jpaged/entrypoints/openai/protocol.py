@@ -1,0 +1,221 @@
+"""Request and response schemas of the OpenAI-compatible server (pydantic).
+
+Shaped like OpenAI's API, with vLLM's extra sampling fields (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `min_tokens`, ...). Unknown fields are
+ignored, as the OpenAI client may send newer ones. FastAPI publishes these as
+the server's OpenAPI schema, which the fuzz tests generate requests from.
+"""
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _limit(name: str) -> dict:
+    """Marks a field whose upper bound depends on the server (the model, its limits): the
+    server writes it into its OpenAPI schema as `maximum` (see api_server._finish_schema)."""
+    return {"x-jpaged-limit": name}
+
+
+TokenId = Annotated[int, Field(ge=0, json_schema_extra=_limit("token_id"))]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+class ErrorInfo(_Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(_Model):
+    error: ErrorInfo
+
+
+# ---- shared ----------------------------------------------------------------------------------
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class UsageInfo(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _Sampling(_Model):
+    """Sampling fields shared by completions and chat completions."""
+    model: str | None = Field(None, description="the served model name; omitted = the only one")
+    n: int = Field(1, ge=1, description="completions per prompt", json_schema_extra=_limit("n"))
+    best_of: int | None = Field(None, ge=1, json_schema_extra=_limit("n"))
+    temperature: float | None = Field(None, ge=0, description="0 = greedy [default 1]")
+    top_p: float | None = Field(None, gt=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0 = disabled")
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+# ---- completions -----------------------------------------------------------------------------
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
+        ..., description="a string, a list of strings, token ids, or a list of token id lists")
+    max_tokens: int | None = Field(16, ge=1, description="null = up to max_model_len",
+                                   json_schema_extra=_limit("max_tokens"))
+    logprobs: int | None = Field(None, ge=0, description="top log-probabilities per token",
+                                 json_schema_extra=_limit("logprobs"))
+    echo: bool = False
+    suffix: str | None = Field(None, description="not supported: must be empty")
+
+
+class CompletionLogprobs(_Model):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(_Model):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+# ---- chat completions ------------------------------------------------------------------------
+
+
+class ContentPart(_Model):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="null = up to max_model_len",
+                                   json_schema_extra=_limit("max_tokens"))
+    max_completion_tokens: int | None = Field(None, ge=1, description="overrides max_tokens",
+                                              json_schema_extra=_limit("max_tokens"))
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, json_schema_extra=_limit("logprobs"))
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+    tool_choice: str | dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(_Model):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatResponseMessage(_Model):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Model):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Model):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+# ---- models, tokenize ------------------------------------------------------------------------
+
+
+class ModelCard(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "jpaged"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(_Model):
+    model: str | None = None
+    prompt: str | None = Field(None, description="text to tokenize (or give messages)")
+    messages: list[ChatMessage] | None = Field(None, description="a chat, through its template")
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(_Model):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Model):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(_Model):
+    prompt: str

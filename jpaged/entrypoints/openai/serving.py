@@ -1,0 +1,134 @@
+"""What the routes share: checking a request, turning it into engine jobs, and answering
+with one JSON body or a stream of server-sent events.
+
+Prompts are tokenized and checked here, on the server's thread, with its own copy of the
+tokenizer and the engine's `InputProcessor` rules, so a bad request is refused before it
+reaches the engine thread. Errors are jpaged's exception types (`errors.py` maps them).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from jpaged.engine.async_engine import AsyncEngine
+from jpaged.engine.input_processor import InputProcessor, ProcessedPrompt
+from jpaged.exceptions import InvalidRequestError, ModelNotFoundError, EngineDeadError
+from jpaged.sampling_params import SamplingParams
+
+from . import formatters as F
+from .errors import classify
+from .metrics import ServerMetrics
+
+
+class OpenAIServing:
+    """The routes' shared state: the engine, a tokenizer of the server's own, limits, metrics."""
+
+    def __init__(self, engine: AsyncEngine, names: list[str], max_n: int):
+        core = engine.core
+        self.engine, self.names, self.max_n = engine, names, max_n
+        # The engine thread detokenizes with core.tokenizer; this thread uses a copy.
+        self.tokenizer = copy.deepcopy(core.tokenizer)
+        self.inputs = InputProcessor(self.tokenizer, core.model_config.vocab_size, core.max_model_len)
+        self.max_model_len = core.max_model_len
+        self.vocab_size = core.model_config.vocab_size
+        self.max_logprobs = core.config.max_logprobs
+        self.sampling_defaults = dict(core.generation_config)
+        self.metrics = ServerMetrics(engine, names[0])
+        self.decode = functools.lru_cache(maxsize=1 << 16)(
+            lambda t: self.tokenizer.decode([t], skip_special_tokens=False))
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.names:
+            raise ModelNotFoundError(f"The model `{name}` does not exist; this server serves "
+                                     f"{self.names[0]!r}")
+        if not self.engine.alive:
+            raise EngineDeadError("the engine has stopped")
+
+    def params(self, req, num_prompt: int, max_tokens: int | None,
+               logprobs: int | None) -> SamplingParams:
+        if req.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported", "logit_bias")
+        if req.n > self.max_n or (req.best_of or 0) > self.max_n:
+            raise InvalidRequestError(f"n and best_of must be <= {self.max_n} on this server", "n")
+        if req.stream and (req.best_of or req.n) > req.n:
+            raise InvalidRequestError("best_of > n is not supported with stream=true", "best_of")
+        if logprobs is not None and logprobs > self.max_logprobs:
+            raise InvalidRequestError(f"at most {self.max_logprobs} log-probabilities per token can "
+                                      f"be returned, got {logprobs}", "logprobs")
+        self.inputs.check_prompt_length(num_prompt)
+        self.inputs.check_max_tokens(num_prompt, max_tokens)
+        kw = F.sampling_kwargs(req, max_tokens or self.max_model_len - num_prompt, logprobs,
+                               self.vocab_size, self.sampling_defaults)
+        return SamplingParams(**kw)
+
+    def prompts(self, prompt) -> list[ProcessedPrompt]:
+        """A completion request's prompt(s): a string, token ids, or lists of either."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        if not prompt:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                out.append(ProcessedPrompt(p, self.inputs.check_token_ids(self.tokenizer(p).input_ids)))
+            else:
+                out.append(ProcessedPrompt(None, self.inputs.check_token_ids(list(p))))
+        return out
+
+    def chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
+        convo = [{"role": m.role, "content": F.message_text(m)} for m in messages]
+        return self.inputs.render_chat(convo, add_generation_prompt=add_generation_prompt)
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def run(self, raw: Request, jobs, prefix: str):
+        """The jobs' outputs as (job index, RequestOutput); ends if the client goes away."""
+        async def disconnected():
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+        return self.engine.generate_many(
+            [({"prompt_token_ids": p.token_ids, "prompt": p.text}, params, f"{prefix}-{i}")
+             for i, (p, params) in enumerate(jobs)],
+            disconnected, on_finish=self.metrics.observe_output, on_abort=self.metrics.aborted.inc)
+
+    async def respond(self, raw: Request, req, jobs, fmt) -> Response:
+        prefix = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+        fmt.id = prefix
+        if req.stream:
+            return StreamingResponse(self._sse(raw, jobs, fmt, prefix), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        finals = {}
+        async with contextlib.aclosing(self.run(raw, jobs, prefix)) as outs:
+            async for i, out in outs:
+                if out.finished:
+                    finals[i] = out
+        if len(finals) < len(jobs):  # the client went away
+            return Response(status_code=499)
+        return JSONResponse(fmt.response([finals[i] for i in range(len(jobs))]).model_dump(mode="json"))
+
+    async def _sse(self, raw, jobs, fmt, prefix):
+        try:
+            for chunk in fmt.start():
+                yield f"data: {json.dumps(chunk)}\n\n"
+            async with contextlib.aclosing(self.run(raw, jobs, prefix)) as outs:
+                async for i, out in outs:
+                    for chunk in fmt.chunks(i, out):
+                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            usage = fmt.usage_chunk()
+            if usage is not None:
+                yield f"data: {json.dumps(usage)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the status is sent: report in the stream
+            status, kind, param, _ = classify(e)
+            error = {"message": str(e), "type": kind, "param": param, "code": status}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        yield "data: [DONE]\n\n"

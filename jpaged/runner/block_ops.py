@@ -1,0 +1,96 @@
+"""Whole-block operations on the KV pool: copy-on-write copies, swap out, swap in
+(docs/design.md, "Copy-on-write and beam search" and "Swapping").
+
+Each is one small jitted gather/scatter along the backend's `block_axis`, on both
+pools at once, with the pool donated (updated in place). Block lists are padded to
+power-of-two lengths (at least 8), so only a handful of variants ever compile:
+padding copies read block 0 and write past the end (dropped).
+
+`HostKVPool` is the swap space: numpy arrays in the device pool's layout with
+`num_host_blocks` blocks, allocated lazily by the OS (zero pages until written).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.utils import next_power_of_2
+
+
+def _index(axis: int, idx):
+    return (slice(None),) * axis + (idx,)
+
+
+@functools.partial(jax.jit, static_argnames=("axis",), donate_argnums=(0,))
+def _copy(pool, src, dst, axis: int):
+    # Every source is read before any destination is written.
+    return tuple(p.at[_index(axis, dst)].set(jnp.take(p, src, axis=axis), mode="drop") for p in pool)
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _gather(pool, blocks, axis: int):
+    return tuple(jnp.take(p, blocks, axis=axis) for p in pool)
+
+
+@functools.partial(jax.jit, static_argnames=("axis",), donate_argnums=(0,))
+def _scatter(pool, blocks, values, axis: int):
+    return tuple(p.at[_index(axis, blocks)].set(v.astype(p.dtype), mode="drop")
+                 for p, v in zip(pool, values))
+
+
+def _padded(ids, fill: int) -> np.ndarray:
+    out = np.full(next_power_of_2(len(ids), 8), fill, np.int32)
+    out[:len(ids)] = ids
+    return out
+
+
+def copy_blocks(pool, src, dst, axis: int):
+    """pool with block dst[i] := block src[i] (all reads before writes)."""
+    num_blocks = pool[0].shape[axis]
+    return _copy(pool, _padded(src, 0), _padded(dst, num_blocks), axis=axis)
+
+
+def gather_blocks(pool, blocks, axis: int) -> tuple[np.ndarray, ...]:
+    """Host (numpy) copies of `blocks` of each pool, in order."""
+    out = jax.device_get(_gather(pool, _padded(blocks, 0), axis=axis))
+    return tuple(np.asarray(o)[_index(axis, slice(0, len(blocks)))] for o in out)
+
+
+def scatter_blocks(pool, blocks, values, axis: int):
+    """pool with `blocks` overwritten by host arrays `values` (one per pool)."""
+    num_blocks = pool[0].shape[axis]
+    n = len(blocks)
+    padded = []
+    for v in values:
+        shape = list(v.shape)
+        shape[axis] = next_power_of_2(n, 8)
+        buf = np.zeros(shape, v.dtype)
+        buf[_index(axis, slice(0, n))] = v
+        padded.append(buf)
+    return _scatter(pool, _padded(blocks, num_blocks), tuple(padded), axis=axis)
+
+
+class HostKVPool:
+    """Swap space in host memory, in the device pool's layout (K and V)."""
+
+    def __init__(self, device_pool, num_blocks: int, axis: int):
+        self.axis = axis
+        self.num_blocks = num_blocks
+        self._shape = list(device_pool[0].shape)
+        self._shape[axis] = num_blocks
+        self._dtype = np.dtype(device_pool[0].dtype)
+        self.arrays: tuple[np.ndarray, ...] | None = None
+
+    def store(self, host_blocks, values) -> None:
+        if self.arrays is None:
+            self.arrays = tuple(np.zeros(self._shape, self._dtype) for _ in range(2))
+        idx = _index(self.axis, np.asarray(host_blocks, np.int64))
+        for arr, v in zip(self.arrays, values):
+            arr[idx] = v
+
+    def load(self, host_blocks) -> tuple[np.ndarray, ...]:
+        idx = _index(self.axis, np.asarray(host_blocks, np.int64))
+        return tuple(arr[idx] for arr in self.arrays)

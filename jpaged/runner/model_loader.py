@@ -1,0 +1,78 @@
+"""What the runner runs: the Flax module, its params on the device, the model's config,
+tokenizer and generation defaults, from a path or from an in-memory model.
+
+A path (or None, the embedded default) is read by `jpaged.models.loader`; an in-memory
+Flax model comes with its own params and tokenizer (a research pipeline's model). Either
+way the module gets the chosen attention backend, and the params the layer layout the
+module runs (unrolled `layers_i`, or one stacked `layers` tree under `scan_layers`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpaged.attention.backend import AttentionBackend
+from jpaged.attention.selector import get_backend
+from jpaged.models import ModelConfig, model_class
+from jpaged.models.llama import stack_layers, unstack_layers
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    module: Any  # the Flax module, with `backend` set
+    backend: AttentionBackend
+    params: Any  # its params, on the device
+    config: ModelConfig
+    tokenizer: Any
+    path: str | None  # the file or folder loaded; None for an in-memory model
+    generation_config: dict[str, Any]  # SamplingParams defaults the model's files set
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` is float32 on the CPU and bfloat16 on accelerators."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
+               scan_layers: bool | None = None, attention_backend: str = "auto") -> LoadedModel:
+    """`model`: None (the embedded SmolLM2-135M-Instruct), a path to a HF folder or a .gguf
+    file, or an in-memory Flax model (then `params` and `tokenizer` are required); the other
+    arguments are the `EngineConfig` fields of the same names."""
+    backend = get_backend(attention_backend)
+    dtype = resolve_dtype(dtype)
+    if isinstance(model, ModelConfig):
+        raise TypeError("pass a Flax model instance (e.g. LlamaForCausalLM(config, backend)), "
+                        "not a ModelConfig")
+    generation_config: dict[str, Any] = {}
+    if hasattr(model, "apply") and hasattr(model, "config"):  # in-memory Flax model
+        if params is None or tokenizer is None:
+            raise ValueError("an in-memory model needs params= and tokenizer=")
+        model_config = model.config
+        module = model.clone(backend=backend)
+        params = params.get("params", params)
+        path = None
+    else:
+        from jpaged.models.loader import (load_config, load_generation_config, load_params,
+                                          load_tokenizer, resolve_model_path)
+        resolved = resolve_model_path(model)
+        path = str(resolved)
+        model_config = load_config(resolved)
+        tokenizer = tokenizer or load_tokenizer(resolved)
+        params = load_params(resolved, model_config, dtype)
+        generation_config = load_generation_config(resolved)
+        module = model_class(model_config.model_type)(model_config, backend, jnp.dtype(dtype))
+    if not hasattr(module, "scan_layers"):
+        if scan_layers is not None:
+            raise ValueError(f"scan_layers={scan_layers} needs a model with a `scan_layers` "
+                             f"field; {type(module).__name__} has none")
+    else:
+        if scan_layers is not None:
+            module = module.clone(scan_layers=scan_layers)
+        params = (stack_layers if module.scan_layers else unstack_layers)(params, model_config.num_layers)
+    return LoadedModel(module, backend, jax.device_put(params), model_config, tokenizer, path,
+                       generation_config)

@@ -1,0 +1,104 @@
+"""What the sampler reads and returns: per-row sampling parameters (built here on the host,
+as numpy arrays padded to the step's rows), the static mode that picks the compiled
+sampler variant, and the sampled tokens with their logprobs."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from jpaged.core.scheduler_output import SchedulerOutput
+from jpaged.sampling_params import SamplingParams
+
+
+class SamplingTensors(NamedTuple):
+    temperature: jax.Array          # f32[B]; < GREEDY_EPS => greedy
+    top_k: jax.Array                # i32[B]; <= 0 => disabled
+    top_p: jax.Array                # f32[B]; >= 1 => disabled
+    min_p: jax.Array                # f32[B]; <= 0 => disabled
+    repetition_penalty: jax.Array   # f32[B]; 1 => disabled (prompt or output tokens)
+    presence_penalty: jax.Array     # f32[B]; 0 => disabled (output tokens)
+    frequency_penalty: jax.Array    # f32[B]; 0 => disabled (output token counts)
+    seed: jax.Array                 # u32[B] or i32[B]
+    step: jax.Array                 # i32[B]: output index of the token being sampled
+    output_counts: jax.Array | None = None  # f32[B, V]
+    prompt_mask: jax.Array | None = None    # bool[B, V]
+    banned: jax.Array | None = None         # bool[B, V]: tokens a row may not sample (min_tokens)
+
+
+class SamplerMode(NamedTuple):
+    all_greedy: bool
+    use_filters: bool
+    use_penalties: bool
+    num_logprobs: int
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: jax.Array            # i32[B]
+    logprobs: jax.Array             # f32[B]
+    top_ids: jax.Array | None       # i32[B, K]
+    top_logprobs: jax.Array | None  # f32[B, K]
+
+
+def sampler_mode(params: list[SamplingParams], in_min_tokens: bool, max_logprobs: int) -> SamplerMode:
+    """The compiled sampler variant a batch of requests needs. `in_min_tokens`: some row is
+    still short of its min_tokens (EOS and stop tokens banned: the penalty path)."""
+    want = any(p.logprobs for p in params)  # logprobs=0: only the sampled token's
+    return SamplerMode(all_greedy=all(p.greedy for p in params),
+                       use_filters=any(p.uses_filters and not p.greedy for p in params),
+                       use_penalties=any(p.uses_penalties for p in params) or in_min_tokens,
+                       num_logprobs=max_logprobs if want else 0)
+
+
+def dummy_sampling_tensors(num_rows: int, vocab_size: int, mode: SamplerMode) -> SamplingTensors:
+    """Greedy padding rows with the shapes and dtypes `build_sampling_tensors` gives for
+    `mode` (warm-up and compile checks: the same executable)."""
+    z = np.zeros
+    pen = mode.use_penalties
+    return SamplingTensors(z(num_rows, np.float32), z(num_rows, np.int32), np.ones(num_rows, np.float32),
+                           z(num_rows, np.float32), np.ones(num_rows, np.float32),
+                           z(num_rows, np.float32), z(num_rows, np.float32), z(num_rows, np.uint32),
+                           z(num_rows, np.int32),
+                           z((num_rows, vocab_size), np.float32) if pen else None,
+                           z((num_rows, vocab_size), np.bool_) if pen else None,
+                           z((num_rows, vocab_size), np.bool_) if pen else None)
+
+
+def build_sampling_tensors(batch: SchedulerOutput, num_rows: int, vocab_size: int,
+                           max_logprobs: int, eos_token_ids=()) -> tuple[SamplingTensors, SamplerMode]:
+    """Per-row sampling parameters (numpy, padded to `num_rows`) and the static mode."""
+    temperature = np.zeros(num_rows, np.float32)
+    top_k = np.zeros(num_rows, np.int32)
+    top_p = np.ones(num_rows, np.float32)
+    min_p = np.zeros(num_rows, np.float32)
+    rep = np.ones(num_rows, np.float32)
+    presence = np.zeros(num_rows, np.float32)
+    frequency = np.zeros(num_rows, np.float32)
+    seed = np.zeros(num_rows, np.uint32)
+    step = np.zeros(num_rows, np.int32)
+    params = [s.request.params for s in batch.seqs]
+    # Before min_tokens, EOS and stop tokens are banned: a [B, V] mask, so the penalty path.
+    min_tokens_rows = [b for b, (seq, p) in enumerate(zip(batch.seqs, params))
+                       if seq.num_output_tokens < p.min_tokens]
+    mode = sampler_mode(params, bool(min_tokens_rows), max_logprobs)
+    use_penalties = mode.use_penalties
+    counts = np.zeros((num_rows, vocab_size), np.float32) if use_penalties else None
+    prompt_mask = np.zeros((num_rows, vocab_size), np.bool_) if use_penalties else None
+    banned = np.zeros((num_rows, vocab_size), np.bool_) if use_penalties else None
+    for b in min_tokens_rows:
+        p = params[b]
+        ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+        banned[b, [i for i in ids if 0 <= i < vocab_size]] = True
+    for b, (seq, p) in enumerate(zip(batch.seqs, params)):
+        temperature[b] = p.temperature
+        top_k[b] = max(p.top_k, 0)
+        top_p[b], min_p[b] = p.top_p, p.min_p
+        rep[b], presence[b], frequency[b] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        seed[b] = seq.seed & 0xFFFFFFFF
+        step[b] = seq.num_output_tokens
+        if use_penalties:
+            np.add.at(counts[b], np.asarray(seq.output_token_ids, np.int64), 1.0)
+            prompt_mask[b, seq.token_ids[:seq.num_prompt_tokens]] = True
+    return SamplingTensors(temperature, top_k, top_p, min_p, rep, presence, frequency, seed, step,
+                           counts, prompt_mask, banned), mode

@@ -1,0 +1,213 @@
+"""The xla and cpu backends match the per-token reference on random pools and batches."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.attention import cpu as cpu_attention
+from jpaged.attention.metadata import AttentionMetadata
+from jpaged.attention.reference import ReferenceBackend
+from jpaged.attention.selector import get_backend
+from jpaged.attention.xla import XlaBackend
+
+BACKENDS = ["xla", "cpu"]  # the C++ kernel builds wherever CI runs (g++): no skip
+
+
+def _case(rng, q_lens, ctx_lens, block_size=4, KV=2, G=3, D=8, num_blocks=64, Q=None, P=None, dtype=np.float32):
+    L = 2
+    B = len(q_lens)
+    k_pool = rng.standard_normal((L, num_blocks, KV, block_size, D)).astype(dtype)
+    v_pool = rng.standard_normal((L, num_blocks, KV, block_size, D)).astype(dtype)
+    P = P or max(-(-c // block_size) for c in ctx_lens) + 1
+    Q = Q or max(q_lens)
+    N = sum(q_lens) + 3  # three padding tokens
+    perm = rng.permutation(num_blocks)  # shuffled, non-contiguous pages
+    tables = np.zeros((B + 1, P), np.int32)  # one padding row
+    used = 0
+    for b, c in enumerate(ctx_lens):
+        n = -(-c // block_size)
+        tables[b, :n] = perm[used:used + n]
+        used += n
+    tables[1, 0] = tables[0, 0] if B > 1 else tables[1, 0]  # share a page between sequences
+    qsl = np.concatenate([[0], np.cumsum(q_lens), [sum(q_lens)]]).astype(np.int32)
+    grid = np.full((B + 1, Q), N, np.int32)
+    grid_index = np.zeros(N, np.int32)
+    for b, n in enumerate(q_lens):
+        grid[b, :n] = np.arange(qsl[b], qsl[b] + n)
+        grid_index[qsl[b]:qsl[b] + n] = b * Q + np.arange(n)
+    positions = np.zeros(N, np.int32)
+    for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
+        positions[qsl[b]:qsl[b] + n] = np.arange(c - n, c)
+    meta = AttentionMetadata(jnp.full(N, -1, jnp.int32), jnp.asarray(tables),
+                             jnp.asarray(list(ctx_lens) + [0], dtype=jnp.int32), jnp.asarray(qsl),
+                             jnp.asarray(grid), jnp.asarray(grid_index),
+                             jnp.arange(B + 1, dtype=jnp.int32), jnp.asarray(positions))
+    q = rng.standard_normal((N, KV * G, D)).astype(dtype)
+    return jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), meta, sum(q_lens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_lens,ctx_lens", [
+    ([1, 1, 1], [1, 17, 40]),              # decode
+    ([5, 1, 12], [5, 9, 30]),              # prefill chunks with cached context, mixed
+    ([16], [16]),                          # a whole prompt
+    ([3, 7], [3, 7]),
+])
+def test_backend_matches_reference(backend, q_lens, ctx_lens):
+    rng = np.random.default_rng(0)
+    q, k, v, meta, n = _case(rng, q_lens, ctx_lens)
+    for layer in (0, 1):
+        ref = ReferenceBackend().attend(q, k, v, layer, meta, 0.3)
+        got = get_backend(backend).attend(q, k, v, layer, meta, 0.3)
+        np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
+        assert np.isfinite(np.asarray(got)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_pool(backend):
+    rng = np.random.default_rng(1)
+    q, k, v, meta, n = _case(rng, [1, 4], [33, 9])
+    ref = ReferenceBackend().attend(q, k, v, 0, meta, 0.3)
+    got = get_backend(backend).attend(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 0, meta, 0.3)
+    np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(ref)[:n], rtol=5e-2, atol=5e-2)
+
+
+def test_write_drops_padding_slots():
+    be = XlaBackend()
+    pool = jnp.zeros(be.pool_shape(2, 4, 4, 1, 2))  # 2 layers, 4 blocks of 4, 1 kv head, dim 2
+    k = jnp.arange(6, dtype=jnp.float32).reshape(3, 1, 2) + 1
+    k_pool, v_pool = be.write(pool, pool, 1, k, k, jnp.asarray([5, -1, 15], jnp.int32))
+    v_written = np.argwhere(np.asarray(v_pool)[:, :, 0, :, 0] != 0)  # [layer, block, offset]
+    assert v_written.tolist() == [[1, 1, 1], [1, 3, 3]]
+    k_view = np.asarray(be.k_view(k_pool))  # [layer, block, kv head, dim, offset]
+    assert k_view[1, 1, 0, :, 1].tolist() == [1, 2] and k_view[1, 3, 0, :, 3].tolist() == [5, 6]
+    assert np.count_nonzero(k_view) == 4  # the padding token wrote nothing
+
+
+@pytest.mark.parametrize("new,cached", [
+    ([70, 7, 130, 33, 64, 1, 90], [0, 0, 20, 5, 0, 300, 17]),  # 17 tiles: two groups of 16
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1], [3, 80, 0, 17, 200, 64, 5, 9, 31]),  # a decode batch
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_on_input_builder_tiles_matches_reference(backend, new, cached):
+    """The real input builder's layout (prefill tiles sorted by reach, tile groups, 64 keys
+    per iteration over 4-token pages; decode rows) against the per-token reference."""
+    from jpaged.runner.input_builder import InputBuilder
+    from jpaged.core.scheduler_output import SchedulerOutput
+    from jpaged.core.sequence import Sequence
+    rng = np.random.default_rng(3)
+    be, KV, G, num_blocks = get_backend(backend), 2, 3, 256
+    bs, D = (16, 32) if backend == "cpu" else (4, 8)  # the kernel's shapes; xla: small pages
+    free = list(rng.permutation(num_blocks))
+    seqs = []
+    for n, c in zip(new, cached):
+        seq = Sequence(request=None, token_ids=[1] * (n + c), num_prompt_tokens=n + c)
+        seq.num_computed_tokens = c
+        seq.block_table = [int(free.pop()) for _ in range(-(-(n + c) // bs))]
+        seqs.append(seq)
+    batch = SchedulerOutput(seqs, list(new), is_prefill=max(new) > 1)
+    inputs = InputBuilder(bs, max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512).build(batch)
+    if batch.is_prefill:
+        assert inputs.query_grid.shape[0] > 16 and inputs.query_grid.shape[1] == 32
+    meta = AttentionMetadata.from_inputs(jax.tree.map(jnp.asarray, inputs))
+    shape = be.pool_shape(1, num_blocks, bs, KV, D)
+    k_pool = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    v_pool = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((len(inputs.token_ids), KV * G, D)), jnp.float32)
+    ref = ReferenceBackend().attend(q, k_pool, v_pool, 0, meta, 0.3)
+    got = be.attend(q, k_pool, v_pool, 0, meta, 0.3)
+    n = sum(new)
+    np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
+
+
+def _uses_kernel(be, *args):
+    return cpu_attention.TARGET in str(jax.make_jaxpr(be.attend, static_argnums=(3, 5))(*args))
+
+
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 32), (4, 128), (8, 128), (5, 96), (2, 256)])
+@pytest.mark.parametrize("q_lens,ctx_lens", [
+    ([1] * 9, [1, 16, 17, 40, 200, 15, 33, 64, 65]),  # decode, page boundaries
+    ([40, 1, 7, 16], [40, 90, 7, 100]),               # prefill tiles of 8 with cached context
+    ([5, 1, 12], [5, 9, 30]),                         # mixed, short
+])
+def test_cpu_kernel_matches_reference(G, D, q_lens, ctx_lens):
+    """The C++ kernel on every head_dim it is built for, GQA groups 1-8, jitted, both
+    layers of the pool, float32 and bfloat16 pools; padding tokens get zeros."""
+    rng = np.random.default_rng(G * D)
+    q, k, v, meta, n = _case(rng, q_lens, ctx_lens, block_size=16, KV=2, G=G, D=D, num_blocks=96)
+    be = get_backend("cpu")
+    assert _uses_kernel(be, q, k, v, 0, meta, 0.1)
+    attend = jax.jit(be.attend, static_argnums=(3, 5))
+    for layer in (0, 1):
+        ref = ReferenceBackend().attend(q, k, v, layer, meta, D ** -0.5)
+        got = np.asarray(attend(q, k, v, layer, meta, D ** -0.5))
+        np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
+        assert not got[n:].any()
+    kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    ref = ReferenceBackend().attend(q, kb, vb, 1, meta, D ** -0.5)
+    np.testing.assert_allclose(np.asarray(attend(q, kb, vb, 1, meta, D ** -0.5))[:n],
+                               np.asarray(ref)[:n], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_backend_other_shapes_take_the_xla_path():
+    """8-token pages or head_dim 8: not the kernel's shapes; same pool, the jnp path."""
+    rng = np.random.default_rng(5)
+    q, k, v, meta, n = _case(rng, [1, 6], [20, 6], block_size=8, D=64)
+    be = get_backend("cpu")
+    assert not _uses_kernel(be, q, k, v, 0, meta, 0.1)
+    np.testing.assert_allclose(np.asarray(be.attend(q, k, v, 0, meta, 0.1))[:n],
+                               np.asarray(ReferenceBackend().attend(q, k, v, 0, meta, 0.1))[:n],
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_cpu_kernel_without_a_compiler(tmp_path, monkeypatch, caplog):
+    """No compiler: `cpu` says why; `auto` warns and uses the pure-jnp backend."""
+    monkeypatch.setenv("JPAGED_CACHE_DIR", str(tmp_path))  # nothing cached: must compile
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    for f in (cpu_attention.load, cpu_attention.available):
+        f.cache_clear()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    try:
+        with pytest.raises(RuntimeError, match="C\\+\\+ kernel.*no-such-compiler"):
+            get_backend("cpu")
+        with caplog.at_level("WARNING"):
+            be = get_backend("auto")
+        assert be.name == "xla" and "no-such-compiler" in caplog.text
+    finally:
+        monkeypatch.undo()
+        for f in (cpu_attention.load, cpu_attention.available):
+            f.cache_clear()
+    assert get_backend("auto").name == "cpu"  # and back, with the real compiler
+
+
+def test_cpu_kernel_builds_from_source(tmp_path):
+    """The build a fresh machine does (CI's cache may already hold the library): compile
+    into an empty directory, atomically, and export the FFI handler."""
+    import ctypes
+    path = tmp_path / "kernel.so"
+    cpu_attention.build(path)
+    assert path.stat().st_size > 0 and [p.name for p in tmp_path.iterdir()] == ["kernel.so"]
+    assert ctypes.cdll.LoadLibrary(str(path)).JpagedPagedAttention  # the symbol jax.ffi registers
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_backend_ignores_stale_slots(backend):
+    """Slots past a sequence's context in its last page (and whole pages past it) may hold
+    anything a previous owner left, even NaN: weights of zero must not let it through."""
+    rng = np.random.default_rng(7)
+    q, k, v, meta, n = _case(rng, [1, 3], [20, 35], block_size=16, D=64)
+    tables = np.asarray(meta.block_tables)
+    k, v = np.array(k), np.array(v)  # writable copies, [L, blocks, KV, bs, D]
+    for b, c in enumerate([20, 35]):
+        last = tables[b, (c - 1) // 16]
+        v[:, last, :, c % 16:] = np.nan  # V rows of the unused slots (K is stored transposed)
+        k.reshape(k.shape[:3] + (64, 16))[:, last, :, :, c % 16:] = np.nan
+    # Pages a table names past its context (padding entries), when no sequence uses them.
+    used = {int(x) for b, c in enumerate([20, 35]) for x in tables[b, :(c + 15) // 16]}
+    past = sorted({int(x) for x in tables[:, 3:].ravel()} - used)
+    assert past, "the case must name a page past some sequence's context"
+    k[:, past], v[:, past] = np.nan, np.nan
+    ref = ReferenceBackend().attend(q, jnp.nan_to_num(k), jnp.nan_to_num(v), 0, meta, 0.125)
+    got = np.asarray(get_backend(backend).attend(q, jnp.asarray(k), jnp.asarray(v), 0, meta, 0.125))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)

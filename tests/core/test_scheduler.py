@@ -1,0 +1,243 @@
+"""Scheduler: budgets respected, prompts chunked, newest preempted first, samples forked, copy-on-write
+and swap operations listed, idle beams never deadlock, nothing leaks."""
+import pytest
+
+from jpaged.core.block_manager import BlockManager
+from jpaged.config import EngineConfig
+from jpaged.sampling_params import SamplingParams
+from jpaged.core.scheduler import Scheduler
+from jpaged.core.sequence import Request, Sequence, SequenceStatus
+
+
+def _seq(n, rid="r"):
+    return Sequence(Request(rid, None, [1] * n, SamplingParams(), 0.0), [1] * n, n)
+
+
+def _run_step(batch):
+    """What the engine does after a step: K/V now exist; a finished prompt samples a token."""
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(7)
+
+
+def test_prefill_is_chunked_within_the_token_budget():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, block_size=4)
+    sched = Scheduler(cfg, BlockManager(100, 4))
+    long, short = _seq(70), _seq(10)
+    sched.add(long)
+    sched.add(short)
+    chunks = []
+    while True:
+        batch = sched.schedule()
+        assert batch.num_tokens <= 32
+        if not batch.is_prefill:
+            break
+        chunks.append(list(zip([s is long for s in batch.seqs], batch.num_new_tokens)))
+        _run_step(batch)
+    assert chunks == [[(True, 32)], [(True, 32)], [(True, 6), (False, 10)]]
+    assert batch.seqs == [long, short] and batch.num_new_tokens == [1, 1]
+
+
+def test_decodes_ride_along_with_a_new_prompt_in_one_mixed_step():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
+    sched = Scheduler(cfg, BlockManager(100, 4))
+    a, b, late = _seq(5, "a"), _seq(6, "b"), _seq(30, "late")
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched.schedule())  # both prompts in one prefill step
+    sched.add(late)
+    batch = sched.schedule()  # a and b decode; late's first chunk takes the rest of the budget
+    assert batch.is_prefill and batch.num_decode == 2
+    assert batch.seqs == [a, b, late] and batch.num_new_tokens == [1, 1, 14]
+    _run_step(batch)
+    batch = sched.schedule()
+    assert batch.seqs == [a, b, late] and batch.num_new_tokens == [1, 1, 14]
+    _run_step(batch)
+    batch = sched.schedule()  # late's last 2 prompt tokens
+    assert batch.num_new_tokens == [1, 1, 2] and batch.num_decode == 2
+    _run_step(batch)
+    batch = sched.schedule()  # all three decode: a plain decode step
+    assert not batch.is_prefill and sorted(s.request.request_id for s in batch.seqs) == ["a", "b", "late"]
+
+
+def test_a_step_that_preempts_admits_nothing():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    bm = BlockManager(5, 4)
+    sched = Scheduler(cfg, bm)
+    sched.watermark_blocks = 0
+    a, b = _seq(8, "a"), _seq(8, "b")
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched.schedule())
+    sched.add(_seq(1, "tiny"))  # would fit in the block b's preemption frees
+    batch = sched.schedule()
+    assert sched.num_preemptions == 1 and batch.seqs == [a] and not batch.is_prefill
+    assert [s.request.request_id for s in sched.waiting] == ["b", "tiny"]
+
+
+def test_max_num_seqs_caps_the_running_set():
+    cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, block_size=4)
+    sched = Scheduler(cfg, BlockManager(100, 4))
+    seqs = [_seq(3) for _ in range(5)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert batch.is_prefill and batch.seqs == seqs[:2]
+    assert len(sched.running) == 2 and len(sched.waiting) == 3
+
+
+def test_decode_preempts_the_newest_and_requeues_it_first():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    bm = BlockManager(5, 4)  # 20 slots
+    sched = Scheduler(cfg, bm)
+    sched.watermark_blocks = 0
+    a, b = _seq(8, "a"), _seq(8, "b")
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched.schedule())  # both prefilled: 4 blocks used, each has 9 tokens
+    batch = sched.schedule()  # decode: a needs a 3rd block (the last free), b would need a 6th
+    assert batch.seqs == [a] and not batch.is_prefill
+    assert sched.num_preemptions == 1 and b.status is SequenceStatus.WAITING
+    assert list(sched.waiting) == [b] and b.block_table == [] and b.num_computed_tokens == 0
+    assert bm.num_used_blocks == 3
+    sched.remove(a)
+    assert bm.num_free_blocks == 5
+
+
+def _group(n_prompt, n, rid="g"):
+    """A request with n samples, as the engine queues it: one sequence, n - 1 forks pending."""
+    req = Request(rid, None, [1] * n_prompt, SamplingParams(n=n), 0.0)
+    seqs = [Sequence(req, [1] * n_prompt, n_prompt, index=i) for i in range(n)]
+    req.seqs = seqs
+    seqs[0].pending_forks = seqs[1:]
+    return seqs
+
+
+def test_samples_fork_with_the_last_prompt_chunk_and_copy_on_write():
+    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, block_size=4)
+    bm = BlockManager(40, 4)
+    sched = Scheduler(cfg, bm)
+    parent, *children = seqs = _group(22, 3)
+    sched.add(parent)
+    batch = sched.schedule()  # first chunk: no forks yet
+    assert batch.seqs == [parent] and batch.num_new_tokens == [16]
+    _run_step(batch)
+    batch = sched.schedule()  # last chunk: the samples join with 0 tokens, sharing every block
+    assert batch.seqs == seqs and batch.num_new_tokens == [6, 0, 0]
+    assert all(s.block_table == parent.block_table for s in seqs) and bm.num_used_blocks == 6
+    assert all(c.num_computed_tokens == 22 for c in children) and not batch.blocks_to_copy
+    for s, n in zip(batch.seqs, batch.num_new_tokens):
+        s.num_computed_tokens += n
+        s.token_ids.append(7)  # each sample draws its first token
+    partial = parent.block_table[5]
+    batch = sched.schedule()  # decode: the shared partial block is copied for all but one
+    assert not batch.is_prefill and batch.seqs == seqs
+    assert len(batch.blocks_to_copy) == 2 and all(src == partial for src, _ in batch.blocks_to_copy)
+    assert children[-1].block_table[5] == partial  # the last holder writes in place
+    assert all(s.block_table[:5] == parent.block_table[:5] for s in seqs)
+    assert bm.num_used_blocks == 5 + 3
+
+
+def test_group_admission_counts_every_sample_against_max_num_seqs():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    sched = Scheduler(cfg, BlockManager(40, 4))
+    one, group = _seq(3, "one"), _group(3, 4, "g")
+    sched.add(one)
+    sched.add(group[0])
+    batch = sched.schedule()
+    assert batch.seqs == [one] and list(sched.waiting) == [group[0]]  # 1 + 4 > 4
+
+
+def test_prefix_cache_hit_skips_the_cached_blocks():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    bm = BlockManager(20, 4, enable_prefix_caching=True)
+    sched = Scheduler(cfg, bm)
+    first = Sequence(Request("a", None, [], SamplingParams(), 0.0), list(range(14)), 14)
+    sched.add(first)
+    _run_step(sched.schedule())
+    cached = first.block_table[:3]
+    sched.remove(first)  # its 3 full blocks stay cached
+    assert bm.num_cached_blocks == 3 and bm.num_free_blocks == 20
+    second = Sequence(Request("b", None, [], SamplingParams(), 0.0), list(range(12)) + [50, 51], 14)
+    sched.add(second)
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [2] and second.num_computed_tokens == 12
+    assert second.block_table[:3] == cached and bm.prefix_cache.hit_rate == 12 / 28
+
+
+def test_swap_preemption_moves_a_group_out_and_back():
+    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, preemption_mode="swap")
+    bm = BlockManager(9, 4, num_host_blocks=10)
+    sched = Scheduler(cfg, bm)
+    sched.watermark_blocks = 0
+    a = _seq(8, "a")
+    group = _group(6, 2, "g")
+    sched.add(a)
+    sched.add(group[0])
+    batch = sched.schedule()  # a: 2 blocks; the group: 2 shared blocks
+    assert batch.seqs == [a] + group
+    _run_step(batch)
+    for s in group[1:]:
+        s.token_ids.append(7)
+    for _ in range(6):  # decode until a cannot grow: the group (newest) is swapped out
+        batch = sched.schedule()
+        if sched.swapped:
+            break
+        _run_step(batch)
+    assert sched.swapped and list(sched.swapped[0]) == group and batch.blocks_to_swap_out
+    assert all(s.status is SequenceStatus.SWAPPED and not s.block_table for s in group)
+    shared = {h for _, h in batch.blocks_to_swap_out}
+    assert bm.swap_space.num_used_blocks == len(shared) < sum(len(s.host_block_table) for s in group)
+    assert batch.seqs == [a]
+    sched.remove(a)  # room again: the group comes back before anything else runs
+    batch = sched.schedule()
+    assert batch.blocks_to_swap_in and {h for h, _ in batch.blocks_to_swap_in} == shared
+    assert batch.seqs == group and bm.swap_space.num_used_blocks == 0
+    assert group[0].block_table[0] == group[1].block_table[0]  # still shared
+    for s in group:
+        sched.remove(s)
+    assert bm.num_free_blocks == 9
+
+
+def test_idle_beams_give_way_to_a_held_up_sibling():
+    import types
+    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4)
+    bm = BlockManager(6, 4)
+    sched = Scheduler(cfg, bm)
+    sched.watermark_blocks = 0
+    beam = types.SimpleNamespace(width=2)
+    g = Request("g", None, [], SamplingParams(), 0.0, beam=beam)
+    h = Request("h", None, [], SamplingParams(), 0.0, beam=beam)
+    idle_g, idle_h = Sequence(g, [1] * 9, 8), Sequence(h, [1] * 9, 8)
+    for s in (idle_g, idle_h):  # beams that computed everything and wait for their siblings
+        bm.grow(s, 9)
+        s.num_computed_tokens = 9
+        s.status = SequenceStatus.RUNNING
+        sched.running.append(s)
+    held = Sequence(g, [1] * 10, 8)  # idle_g's sibling, preempted: needs 3 blocks, none free
+    sched.add(held)
+    batch = sched.schedule()
+    assert batch.seqs == [held] and idle_h.status is SequenceStatus.WAITING
+    assert list(sched.waiting) == [idle_h] and sched.num_preemptions == 1
+    # a group that cannot fit at all is an error, not a hang
+    sched.remove(idle_h)
+    sched.remove(held)
+    lone = Sequence(g, [1] * 30, 8)
+    sched.add(lone)
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [12]  # a first chunk fits, then nothing more can
+    _run_step(batch)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        sched.schedule()
+
+
+def test_samples_fork_when_the_last_prompt_chunk_is_one_token():
+    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=16, block_size=4)
+    sched = Scheduler(cfg, BlockManager(40, 4))
+    parent, child = seqs = _group(17, 2)
+    sched.add(parent)
+    _run_step(sched.schedule())  # 16 of 17 prompt tokens
+    batch = sched.schedule()  # the last token goes through a prefill step, with the fork
+    assert batch.is_prefill and batch.seqs == seqs and batch.num_new_tokens == [1, 0]
+    assert child.block_table == parent.block_table

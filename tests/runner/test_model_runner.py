@@ -1,0 +1,106 @@
+"""The step updates the KV pool in place and compiles only for known buckets."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jpaged import LLM, SamplingParams
+
+from helpers import build_tiny_hf
+from helpers import NoTokenizer
+
+
+def _tiny_llm(tmp_path, **kw):
+    build_tiny_hf("llama", tmp_path, vocab_size=512)
+    args = dict(tokenizer=NoTokenizer(), max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64,
+                kv_cache_memory=32 << 20, compilation_cache_dir="")
+    args.update(kw)
+    return LLM(str(tmp_path), **args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_step_never_copies_the_pool(tmp_path, backend):
+    llm = _tiny_llm(tmp_path, kv_cache_memory=256 << 20, attention_backend=backend)
+    assert llm.runner.backend.name == backend
+    from jpaged.runner.sampling_tensors import sampler_mode
+    mode = sampler_mode([SamplingParams(temperature=0.0)], False, 20)
+    pool = llm.runner.pool_bytes
+    assert pool > 200 << 20
+    for shape in [(8, 8, 1, 8), (64, 4, 32, 8)]:  # a decode bucket and a prefill bucket
+        mem = llm.runner.step_memory_analysis(shape, mode)
+        # A copying step needs a pool-sized temporary; an in-place one a few MiB.
+        assert mem.temp_size_in_bytes < pool // 20, (shape, mem.temp_size_in_bytes, pool)
+        assert mem.alias_size_in_bytes >= pool  # and the donated pool is the output
+
+
+def test_no_compilation_after_warmup(tmp_path):
+    llm = _tiny_llm(tmp_path)
+    llm.warmup(use_tqdm=False)
+    before = llm.num_compilations()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 500, int(n)).tolist() for n in rng.integers(1, 100, 12)]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True)
+              for m in rng.integers(1, 28, 12)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert llm.num_compilations() == before
+
+
+def test_decode_buckets_are_multiples_of_eight():
+    from jpaged.runner.input_builder import InputBuilder, decode_bucket
+    assert [decode_bucket(n) for n in (1, 8, 9, 20, 57, 64, 65, 200, 257)] == \
+        [8, 8, 16, 24, 64, 64, 96, 224, 512]
+    ib = InputBuilder(block_size=16, max_num_seqs=64, max_num_batched_tokens=256, max_model_len=256)
+    decode = sorted(B for N, B, Q, P in ib.step_buckets() if Q == 1)
+    assert decode == list(range(8, 65, 8))  # every decode shape warm-up must compile
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_traced_step_grows_with_depth_only_when_unrolled(scan_layers):
+    """`scan_layers=True` traces one layer body whatever the depth (so compile time stays
+    flat); unrolled, every layer adds its own equations."""
+    from jpaged.attention.metadata import AttentionMetadata
+    from jpaged.attention.xla import XlaBackend
+    from jpaged.runner.input_builder import InputBuilder
+    from jpaged.models import LlamaForCausalLM, ModelConfig
+
+    def top_level_equations(num_layers):
+        cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=8)
+        backend = XlaBackend()
+        module = LlamaForCausalLM(cfg, backend, scan_layers=scan_layers)
+        inp = InputBuilder.dummy(16, 2, 16, 4)
+        shape = backend.pool_shape(num_layers, 8, 16, cfg.num_kv_heads, cfg.head_dim)
+        pool = (jax.ShapeDtypeStruct(shape, np.float32),) * 2
+        args = (inp.token_ids, inp.positions, pool, AttentionMetadata.from_inputs(inp), inp.logits_index)
+        params = jax.eval_shape(module.init, jax.random.key(0), *args)
+        layer_keys = sorted(k for k in params["params"] if k.startswith("layers"))
+        assert layer_keys == (["layers"] if scan_layers else sorted(f"layers_{i}" for i in range(num_layers)))
+        return len(jax.make_jaxpr(module.apply)(params, *args).jaxpr.eqns)
+
+    two, four = top_level_equations(2), top_level_equations(4)
+    if scan_layers:
+        assert two == four
+    else:
+        assert four > two + 20  # each layer: norms, projections, rope, attention, MLP
+
+
+def test_stack_and_unstack_layers_round_trip():
+    from jpaged.models.llama import stack_layers, unstack_layers
+    rng = np.random.default_rng(0)
+    params = {"embed_tokens": {"embedding": rng.random((5, 4))},
+              **{f"layers_{i}": {"qkv_proj": {"kernel": rng.random((4, 6)), "bias": rng.random(6)},
+                                 "attn_norm": {"scale": rng.random(4)}} for i in range(3)}}
+    stacked = stack_layers(params, 3)
+    assert set(stacked) == {"embed_tokens", "layers"}
+    assert stacked["layers"]["qkv_proj"]["kernel"].shape == (3, 4, 6)
+    np.testing.assert_array_equal(stacked["layers"]["attn_norm"]["scale"][2], params["layers_2"]["attn_norm"]["scale"])
+    back = unstack_layers(stacked, 3)
+    assert set(back) == set(params)
+    for i in range(3):
+        for leaf, want in zip(jax.tree_util.tree_leaves(back[f"layers_{i}"]),
+                              jax.tree_util.tree_leaves(params[f"layers_{i}"])):
+            np.testing.assert_array_equal(leaf, want)
+    assert stack_layers(stacked, 3) is stacked and unstack_layers(params, 3) is params
+
