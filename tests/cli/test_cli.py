@@ -33,6 +33,10 @@ def test_generate_text_and_json(tiny_text_model, capsys):
         assert out["finished"] and comp["finish_reason"] == "length"
         assert len(comp["token_ids"]) == 6 and comp["text"] in text  # greedy: the same text
 
+    # no sampling flags: the model's generation defaults (this folder sets none: greedy)
+    assert main([a for a in args if a not in ("--temperature", "0")]) == 0
+    assert capsys.readouterr().out == text
+
 
 def test_json_output_keeps_logprobs():
     from jpaged.cli.generate import output_dict

@@ -2,6 +2,8 @@
 random Llama / Qwen2 / Mistral folders; preemption and bad input leave outputs intact."""
 from __future__ import annotations
 
+import json
+
 import flax.linen
 import jax
 import pytest
@@ -9,7 +11,7 @@ import pytest
 import jpaged
 from jpaged import LLM, SamplingParams
 
-from helpers import build_tiny_hf, hf_greedy
+from helpers import NoTokenizer, build_tiny_hf, hf_greedy
 
 PROMPTS = [
     "Hello",
@@ -120,14 +122,6 @@ def test_preemption_keeps_outputs_identical(tmp_path):
     assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
 
 
-class NoTokenizer:
-    """Tiny random models have no tokenizer; prompts are token ids and text stays empty."""
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
 def test_bad_input_raises_clear_errors_and_engine_goes_on(default_llm):
     llm = default_llm
     good = SamplingParams(temperature=0.0, max_tokens=8)
@@ -225,3 +219,28 @@ def test_pool_that_cannot_hold_one_request_says_what_to_change(tmp_path):
     with pytest.raises(ValueError, match="more than the .* bytes of memory available"):
         LLM(str(tmp_path), tokenizer=NoTokenizer(), max_model_len=256, kv_cache_memory=1 << 50,
             compilation_cache_dir="")
+
+
+def test_requests_without_params_take_the_generation_defaults(default_llm, tmp_path):
+    """No SamplingParams: the model's generation_config.json when it sets any sampling field,
+    else jpaged's default (greedy, so a small instruct model answers sensibly);
+    SamplingParams() itself keeps vLLM's defaults."""
+    assert SamplingParams().temperature == 1.0
+    assert default_llm.default_sampling_params() == SamplingParams(temperature=0.0)
+    answer = default_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                              use_tqdm=False)[0].outputs[0]
+    assert "Paris" in answer.text
+    build_tiny_hf("llama", tmp_path, vocab_size=512)
+    gen_file = tmp_path / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    gen_file.write_text(json.dumps({**gen, "temperature": 0.7, "top_k": 5, "max_new_tokens": 7,
+                                    "do_sample": True}))
+    llm = LLM(str(tmp_path), tokenizer=NoTokenizer(), max_num_seqs=2, max_model_len=64,
+              kv_cache_memory=1 << 20, compilation_cache_dir="")
+    want = SamplingParams(temperature=0.7, top_k=5, max_tokens=7)
+    assert llm.default_sampling_params() == want
+    request_id = llm.add_request([5, 6, 7])
+    assert llm.requests[request_id].params == want
+    llm.abort_request(request_id)
+    out = llm.generate([[5, 6, 7]], use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 7 or out.finish_reason == "stop"

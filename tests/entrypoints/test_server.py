@@ -104,6 +104,15 @@ def test_chat_stream_and_not(client, tiny_server):
     assert text == msg.message.content
 
 
+def test_a_request_without_sampling_fields_takes_the_engine_defaults(client):
+    """The tiny model's generation config sets no sampling field: jpaged's default, greedy
+    (a seeded temperature-1 request shows that sampling would differ)."""
+    kw = dict(model="tiny", prompt="Once upon a time", max_tokens=8, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(**kw, temperature=0).choices[0].text
+    assert client.completions.create(**kw).choices[0].text == greedy
+    assert client.completions.create(**kw, temperature=1.0, seed=3).choices[0].text != greedy
+
+
 def test_stop_string_is_cut(client):
     full = client.completions.create(model="tiny", prompt="Once", max_tokens=10, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text

@@ -10,6 +10,7 @@ import itertools
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 BF16 = jnp.bfloat16
 # Every context length of the issue, in one batch (context lengths are runtime
@@ -33,6 +34,11 @@ TOLERANCE = {  # relative (to the reference's largest magnitude) bounds
     np.dtype("float16"): 4e-3,
     np.dtype(jnp.bfloat16): 3e-2,
 }
+
+
+def sweep(default):
+    """A kernel's test cases: its `default` ones, then FULL marked slow (`pytest -m slow`)."""
+    return list(default) + [pytest.param(*case, marks=pytest.mark.slow) for case in FULL]
 
 
 def random_paged_case(

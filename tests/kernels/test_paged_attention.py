@@ -16,7 +16,7 @@ from jpaged.pallas_kernels import (
 )
 from kernel_cases import (
     BF16,
-    FULL,
+    sweep,
     assert_close,
     check_kernel,
     dense_attention_numpy,
@@ -35,21 +35,11 @@ DEFAULT = [
 ]
 
 
-def _check(bs, kvh, group, d, dtype, tun):
+@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", sweep(DEFAULT))
+def test_kernel_matches_reference(bs, kvh, group, d, dtype, tun):
     # The last context is 0: a padding row, exactly zero.
     check_kernel(paged_attention, paged_attention_reference, bs, kvh, group, d, dtype, tun,
                  pad_rows=1)
-
-
-@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", DEFAULT)
-def test_kernel_matches_reference(bs, kvh, group, d, dtype, tun):
-    _check(bs, kvh, group, d, dtype, tun)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", FULL)
-def test_kernel_matches_reference_full(bs, kvh, group, d, dtype, tun):
-    _check(bs, kvh, group, d, dtype, tun)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16])

@@ -13,7 +13,7 @@ from jpaged.pallas_kernels import (
 )
 from kernel_cases import (
     BF16,
-    FULL,
+    sweep,
     assert_close,
     check_kernel,
     dense_attention_numpy,
@@ -36,21 +36,11 @@ DEFAULT = [
 ]
 
 
-def _check(bs, kvh, group, d, dtype, tun):
+@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", sweep(DEFAULT))
+def test_kernel_matches_reference(bs, kvh, group, d, dtype, tun):
     # Padding tokens -> exactly zero.
     check_kernel(ragged_paged_attention, ragged_paged_attention_reference, bs, kvh, group, d,
                  dtype, tun, queries=QUERIES, pad_tokens=PAD_TOKENS, pad_rows=PAD_TOKENS)
-
-
-@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", DEFAULT)
-def test_kernel_matches_reference(bs, kvh, group, d, dtype, tun):
-    _check(bs, kvh, group, d, dtype, tun)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", FULL)
-def test_kernel_matches_reference_full(bs, kvh, group, d, dtype, tun):
-    _check(bs, kvh, group, d, dtype, tun)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, BF16])

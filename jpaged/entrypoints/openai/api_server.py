@@ -118,11 +118,7 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
     @app.post("/v1/completions", response_model=P.CompletionResponse,
               responses=_stream_doc(P.CompletionResponse))
     async def completions(req: P.CompletionRequest, raw: Request):
-        state.check_model(req.model)
-        if req.suffix:
-            raise InvalidRequestError("suffix is not supported", "suffix")
-        if req.echo and req.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported (no prompt logprobs)", "echo")
+        state.check_request(req)
         prompts = state.prompts(req.prompt)
         jobs = [(p, state.params(req, len(p.token_ids), req.max_tokens, req.logprobs)) for p in prompts]
         fmt = F.CompletionFormatter(req, names[0], [(p.text, p.token_ids) for p in prompts],
@@ -132,14 +128,7 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
               responses=_stream_doc(P.ChatCompletionResponse))
     async def chat_completions(req: P.ChatCompletionRequest, raw: Request):
-        state.check_model(req.model)
-        if req.tools:
-            raise InvalidRequestError("tools are not supported", "tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("only response_format {'type': 'text'} is supported",
-                                      "response_format")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise InvalidRequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        state.check_request(req)
         ids = state.chat_ids(req.messages, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None

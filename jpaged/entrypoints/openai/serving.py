@@ -26,6 +26,20 @@ from .errors import classify
 from .metrics import ServerMetrics
 
 
+# (field, when a request is refused for it, why), for the request types that have the field
+UNSUPPORTED = [
+    ("logit_bias", lambda r: r.logit_bias, "logit_bias is not supported"),
+    ("suffix", lambda r: r.suffix, "suffix is not supported"),
+    ("echo", lambda r: r.echo and r.logprobs is not None,
+     "echo with logprobs is not supported (no prompt logprobs)"),
+    ("tools", lambda r: r.tools, "tools are not supported"),
+    ("response_format", lambda r: r.response_format and r.response_format.get("type", "text") != "text",
+     "only response_format {'type': 'text'} is supported"),
+    ("top_logprobs", lambda r: r.top_logprobs is not None and not r.logprobs,
+     "top_logprobs needs logprobs=true"),
+]
+
+
 class OpenAIServing:
     """The routes' shared state: the engine, a tokenizer of the server's own, limits, metrics."""
 
@@ -45,6 +59,13 @@ class OpenAIServing:
 
     # ---- checks ------------------------------------------------------------------------------
 
+    def check_request(self, req) -> None:
+        """The model a generation request names, and the fields this server refuses."""
+        self.check_model(req.model)
+        for field, refused, message in UNSUPPORTED:
+            if field in type(req).model_fields and refused(req):
+                raise InvalidRequestError(message, field)
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.names:
             raise ModelNotFoundError(f"The model `{name}` does not exist; this server serves "
@@ -54,8 +75,6 @@ class OpenAIServing:
 
     def params(self, req, num_prompt: int, max_tokens: int | None,
                logprobs: int | None) -> SamplingParams:
-        if req.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported", "logit_bias")
         if req.n > self.max_n or (req.best_of or 0) > self.max_n:
             raise InvalidRequestError(f"n and best_of must be <= {self.max_n} on this server", "n")
         if req.stream and (req.best_of or req.n) > req.n:
