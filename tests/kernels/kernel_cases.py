@@ -36,9 +36,20 @@ TOLERANCE = {  # relative (to the reference's largest magnitude) bounds
 }
 
 
-def sweep(default):
-    """A kernel's test cases: its `default` ones, then FULL marked slow (`pytest -m slow`)."""
-    return list(default) + [pytest.param(*case, marks=pytest.mark.slow) for case in FULL]
+# The default sweep's cases both kernels run; each adds the ones for its own tunables.
+SHARED_DEFAULT = [
+    (16, 2, 3, 64, jnp.float32, {}),
+    (8, 1, 8, 128, BF16, {}),
+]
+
+
+def sweep(own_cases):
+    """Parametrizes a kernel test over (block_size, num_kv_heads, group, head_dim, dtype,
+    tunables): SHARED_DEFAULT and the kernel's `own_cases`, then FULL marked slow
+    (`pytest -m slow`)."""
+    cases = SHARED_DEFAULT + list(own_cases) + \
+        [pytest.param(*case, marks=pytest.mark.slow) for case in FULL]
+    return pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", cases)
 
 
 def random_paged_case(

@@ -14,28 +14,14 @@ from jpaged.pallas_kernels import (
     write_kv,
     write_kv_reference,
 )
-from kernel_cases import (
-    BF16,
-    sweep,
-    assert_close,
-    check_kernel,
-    dense_attention_numpy,
-    layout_case,
-    random_paged_case,
-    sweep_case,
-)
-
-# (block_size, num_kv_heads, group, head_dim, dtype, tunables): a small
-# sweep where every page size, head ratio, head dim and dtype appears.
-DEFAULT = [
-    (16, 2, 3, 64, jnp.float32, {}),
-    (8, 1, 8, 128, BF16, {}),
-    (32, 3, 1, 128, jnp.float16, {}),
-    (16, 1, 1, 64, BF16, dict(num_partitions=5, pages_per_compute_block=2)),
-]
+from kernel_cases import (BF16, assert_close, check_kernel, dense_attention_numpy, layout_case,
+                          random_paged_case, sweep, sweep_case)
 
 
-@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", sweep(DEFAULT))
+# With kernel_cases.SHARED_DEFAULT, a small sweep where every page size, head ratio,
+# head dim and dtype appears, and the decode kernel's own tunables.
+@sweep([(32, 3, 1, 128, jnp.float16, {}),
+        (16, 1, 1, 64, BF16, dict(num_partitions=5, pages_per_compute_block=2))])
 def test_kernel_matches_reference(bs, kvh, group, d, dtype, tun):
     # The last context is 0: a padding row, exactly zero.
     check_kernel(paged_attention, paged_attention_reference, bs, kvh, group, d, dtype, tun,

@@ -11,15 +11,8 @@ from jpaged.pallas_kernels import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
-from kernel_cases import (
-    BF16,
-    sweep,
-    assert_close,
-    check_kernel,
-    dense_attention_numpy,
-    layout_case,
-    sweep_case,
-)
+from kernel_cases import (BF16, assert_close, check_kernel, dense_attention_numpy, layout_case,
+                          sweep, sweep_case)
 
 # Every context length of the issue (kernel_cases.CONTEXTS) with a mix of query lengths:
 # whole-prompt prefill (query = context), chunked prefill / prefix-cache hits (query <
@@ -28,15 +21,10 @@ from kernel_cases import (
 QUERIES = [1, 15, 5, 17, 40, 1, 32, 0]
 PAD_TOKENS = 3
 
-DEFAULT = [
-    (16, 2, 3, 64, jnp.float32, {}),
-    (8, 1, 8, 128, BF16, {}),
-    (32, 2, 1, 128, jnp.float16, {}),
-    (16, 1, 1, 64, BF16, dict(block_q=16, pages_per_compute_block=2)),
-]
 
-
-@pytest.mark.parametrize("bs,kvh,group,d,dtype,tun", sweep(DEFAULT))
+# With kernel_cases.SHARED_DEFAULT, and the ragged kernel's own tunables.
+@sweep([(32, 2, 1, 128, jnp.float16, {}),
+        (16, 1, 1, 64, BF16, dict(block_q=16, pages_per_compute_block=2))])
 def test_kernel_matches_reference(bs, kvh, group, d, dtype, tun):
     # Padding tokens -> exactly zero.
     check_kernel(ragged_paged_attention, ragged_paged_attention_reference, bs, kvh, group, d,
