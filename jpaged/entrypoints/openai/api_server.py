@@ -61,13 +61,10 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
 
 
 def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None, *,
-               api_key: str | None = None, max_n: int | None = None,
-               max_request_bytes: int | None = None) -> FastAPI:
+               api_key: str | None = None, max_n: int = ServerConfig.max_n,
+               max_request_bytes: int = ServerConfig.max_request_bytes) -> FastAPI:
     """The FastAPI app over a running AsyncEngine; `app.state.jpaged` holds its state.
-    Unset limits take `ServerConfig`'s defaults."""
-    defaults = ServerConfig()
-    max_n = max_n if max_n is not None else defaults.max_n
-    max_request_bytes = max_request_bytes if max_request_bytes is not None else defaults.max_request_bytes
+    The limits default to `ServerConfig`'s."""
     names = [served_model_name] if isinstance(served_model_name, str) else \
         list(served_model_name or [DEFAULT_MODEL_NAME])
     state = OpenAIServing(engine, names, max_n)

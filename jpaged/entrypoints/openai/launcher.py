@@ -82,7 +82,8 @@ class ServerHandle:
 
 def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
                  served_model_name: str | list[str] | None = None, api_key: str | None = None,
-                 max_n: int | None = None, max_request_bytes: int | None = None,
+                 max_n: int = ServerConfig.max_n,
+                 max_request_bytes: int = ServerConfig.max_request_bytes,
                  log_level: str = "warning", warmup: bool = False, params=None, tokenizer=None,
                  **engine_args) -> ServerHandle:
     """Load the model, start the engine and uvicorn in background threads, and return once
@@ -94,11 +95,9 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
     compilation. `port=0` picks a free port. To serve another app (say with an API key)
     over the same engine: `ServerHandle(create_app(h.engine, api_key=KEY), h.engine,
     own_engine=False)`."""
-    defaults = ServerConfig()
     server = ServerConfig(host=host, port=port, served_model_name=served_model_name,
-                          api_key=api_key, max_n=max_n if max_n is not None else defaults.max_n,
-                          max_request_bytes=max_request_bytes if max_request_bytes is not None
-                          else defaults.max_request_bytes, warmup=warmup, log_level=log_level)
+                          api_key=api_key, max_n=max_n, max_request_bytes=max_request_bytes,
+                          warmup=warmup, log_level=log_level)
     if isinstance(model, EngineCore):
         core = model
     else:

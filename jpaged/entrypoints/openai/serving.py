@@ -116,7 +116,7 @@ class OpenAIServing:
             while (await raw.receive())["type"] != "http.disconnect":
                 pass
         return self.engine.generate_many(
-            [({"prompt_token_ids": p.token_ids, "prompt": p.text}, params, f"{prefix}-{i}")
+            [(p, params, f"{prefix}-{i}")  # checked here already: the engine takes them as they are
              for i, (p, params) in enumerate(jobs)],
             disconnected, on_finish=self.metrics.observe_output, on_abort=self.metrics.aborted.inc)
 
