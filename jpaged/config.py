@@ -40,8 +40,8 @@ class EngineConfig:
                                       "on GPU (bfloat16 weights compute with float32 accumulation)",
                               choices=DTYPES)
     kv_cache_dtype: str = config_field(
-        "auto", "KV pool dtype; auto = float32 on CPU (XLA's CPU scatter copies a bfloat16 pool "
-                "through float32), the model's dtype elsewhere", choices=DTYPES)
+        "auto", "KV pool dtype; auto = the model's dtype (float32 on CPU with the xla backend, "
+                "whose scatter copies a bfloat16 pool through float32)", choices=DTYPES)
     attention_backend: str = config_field(
         "auto", "paged attention implementation; auto = cpu (the C++ kernel; xla without a "
                 "compiler) on CPU, pallas on GPU", choices=ATTENTION_BACKENDS)

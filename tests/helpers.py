@@ -99,12 +99,15 @@ def tiny_model_path() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_llm():
+def tiny_llm(dtype: str = "float32"):
+    """The tiny Llama; in bfloat16 its pool is bfloat16 too (the `cpu` backend's own write),
+    with the same number of blocks."""
     from jpaged import LLM
+    itemsize = 2 if dtype == "bfloat16" else 4
     return LLM(tiny_model_path(), tokenizer=NoTokenizer(), max_num_seqs=8, max_model_len=640,
-               block_size=BLOCK_SIZE, kv_cache_memory=NUM_BLOCKS * PER_BLOCK,
-               max_num_batched_tokens=128, preemption_mode="swap", swap_space=256 * PER_BLOCK,
-               compilation_cache_dir="")
+               block_size=BLOCK_SIZE, kv_cache_memory=NUM_BLOCKS * PER_BLOCK * itemsize // 4,
+               max_num_batched_tokens=128, preemption_mode="swap",
+               swap_space=256 * PER_BLOCK * itemsize // 4, compilation_cache_dir="", dtype=dtype)
 
 
 def check_engine_invariants(llm) -> None:

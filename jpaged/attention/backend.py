@@ -16,6 +16,10 @@ class AttentionBackend(abc.ABC):
     name: str
     block_axis: int  # axis of the pool that indexes blocks
 
+    def pool_dtype(self, param_dtype, block_size: int, head_dim: int):
+        """The KV pool's dtype when `kv_cache_dtype` is auto: the weights' dtype."""
+        return param_dtype
+
     @abc.abstractmethod
     def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim) -> tuple:
         """Shape of the K pool and of the V pool."""

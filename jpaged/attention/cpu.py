@@ -1,4 +1,5 @@
-"""The `cpu` attention backend: `csrc/paged_attention_cpu.cc` as an XLA FFI custom call.
+"""The `cpu` attention backend: `csrc/paged_attention_cpu.cc` as two XLA FFI custom calls,
+the paged attention and the in-place write of each step's K/V into the pool.
 
 The kernel is compiled on first use with the system's C++ compiler for this machine's
 CPU (`-march=native`), cached in `utils.cache_root()` by a hash of the source,
@@ -6,8 +7,11 @@ the compiler flags, the jaxlib version and the CPU, and registered with `jax.ffi
 documented way to add a CPU kernel to XLA; Pallas has no CPU backend). Without a
 compiler, `auto` keeps the pure-jnp `xla` backend and logs why.
 
-Pool layout, writes, block copies and swaps are the `xla` backend's; only `attend` differs,
-and only for the shapes the kernel handles (`supported`).
+Pool layout, block copies and swaps are the `xla` backend's. `write` stores new K/V in place
+(the call's outputs aliased to the donated pool): XLA's own CPU scatter copies a bfloat16
+pool through float32, this write does not, so on the CPU a bfloat16 model gets a bfloat16
+pool (`runner/kv_cache.py`). `attend` runs the kernel for the shapes it handles
+(`supported`), the `xla` loop otherwise.
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cc"
 TARGET = "jpaged_paged_attention"
+WRITE_TARGET = "jpaged_write_kv"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-HEAD_DIMS = (32, 64, 96, 128, 256)  # the kernel's instantiations (head_dim / 16 vectors)
+HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # the kernel's instantiations
 
 
 def supported(block_size: int, head_dim: int) -> bool:
@@ -98,6 +103,7 @@ def load() -> None:
             bar.update()
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedPagedAttention), platform="cpu")
+    jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JpagedWriteKV), platform="cpu")
 
 
 @functools.cache
@@ -122,14 +128,39 @@ def paged_attention(q, k_pool, v_pool, layer, block_tables, context_lens, query_
                 query_start_loc.astype(jnp.int32), scale=np.float32(scale))
 
 
+def write_kv(k_pool, v_pool, layer, k, v, slot_mapping):
+    """The pools with k, v [N, kv_heads, head_dim] stored at `slot_mapping` in layer `layer`
+    (slots outside the pool, such as padding's -1, dropped). The outputs alias the pools:
+    under jit with the pools donated, nothing is copied."""
+    load()
+    pools = (jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype))
+    call = jax.ffi.ffi_call(WRITE_TARGET, pools, input_output_aliases={0: 0, 1: 1})
+    # The kernel takes float32 or bfloat16 K/V; other dtypes arrive as float32.
+    k, v = ((x if x.dtype in (jnp.float32, jnp.bfloat16) else x.astype(jnp.float32)) for x in (k, v))
+    return call(k_pool, v_pool, jnp.asarray(layer, jnp.int32), k, v, slot_mapping.astype(jnp.int32))
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuBackend(XlaBackend):
     """The C++ kernel over the `xla` backend's pool; the CPU default when it builds.
     Shapes the kernel does not handle (`supported`) take the `xla` path, same pool."""
     name: str = "cpu"
 
+    def pool_dtype(self, param_dtype, block_size: int, head_dim: int):
+        """The weights' dtype where the kernel writes and reads the pool (float32, bfloat16;
+        its shapes); float32 otherwise, as the `xla` path it then takes wants on the CPU."""
+        dtype = jnp.dtype(param_dtype)
+        if dtype in (jnp.float32, jnp.bfloat16) and supported(block_size, head_dim):
+            return dtype
+        return jnp.dtype(jnp.float32)
+
+    def write(self, k_pool, v_pool, layer, k, v, slot_mapping):
+        if k_pool.dtype not in (jnp.float32, jnp.bfloat16):
+            return super().write(k_pool, v_pool, layer, k, v, slot_mapping)
+        return write_kv(k_pool, v_pool, layer, k, v, slot_mapping)
+
     def attend(self, q, k_pool, v_pool, layer, meta: AttentionMetadata, scale: float):
-        if not supported(k_pool.shape[3], k_pool.shape[4]):
+        if not supported(k_pool.shape[3], k_pool.shape[4]) or k_pool.dtype not in (jnp.float32, jnp.bfloat16):
             return super().attend(q, k_pool, v_pool, layer, meta, scale)
         out = paged_attention(q, k_pool, v_pool, layer, meta.block_tables, meta.context_lens,
                               meta.query_start_loc, scale)

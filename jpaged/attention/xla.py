@@ -28,6 +28,11 @@ class XlaBackend(AttentionBackend):
     name: str = "xla"
     block_axis = 1  # axis of the pool that indexes blocks (copies and swaps use it)
 
+    def pool_dtype(self, param_dtype, block_size: int, head_dim: int):
+        """float32 on the CPU, where XLA's scatter and gathers copy a bfloat16 pool through
+        float32 (a pool-sized temporary every step); the weights' dtype elsewhere."""
+        return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(param_dtype)
+
     def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim):
         return (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
 

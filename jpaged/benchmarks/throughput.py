@@ -14,7 +14,7 @@ from typing import Any
 
 from jpaged.arg_utils import add_engine_flags, collect
 
-from .workloads import WARMUP_MODES, load_workload, log, vary
+from .workloads import WARMUP_MODES, load_workload, log, process_start, vary
 
 
 def _params(workload, temperature: float, seed: int | None = None):
@@ -41,6 +41,7 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
         llm.generate([{"prompt_token_ids": vary(r["prompt_token_ids"], 1)} for r in workload],
                      params, use_tqdm=not quiet)
         warmup_s = time.perf_counter() - start
+    first_pass_end = time.time()
     warmup_compilations = llm.num_compilations() - compilations_start
 
     llm.stats.reset()
@@ -50,6 +51,9 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall_s = time.perf_counter() - start
+    if warmup != "full":
+        first_pass_end = time.time()
+    first_pass_s = first_pass_end - process_start()
 
     prompt_tokens = sum(len(r["prompt_token_ids"]) for r in workload)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -78,6 +82,8 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
         "warmup": warmup,
         "warmup_s": warmup_s,
         "warmup_compilations": warmup_compilations,
+        "first_pass_s": first_pass_s,
+        "first_pass_output_tokens_per_s": output_tokens / first_pass_s,
         "temperature": temperature,
         "kv_cache_dtype": str(jax.tree_util.tree_leaves(llm.runner.kv_pool)[0].dtype),
         "kv_total_blocks": kv["total_blocks"],

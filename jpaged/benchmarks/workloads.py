@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,21 @@ def vary(token_ids: list[int], k: int) -> list[int]:
     """The same prompt length with every token id moved by k: a warm-up (or a later run)
     makes the same steps, but no prompt can be served from a cache another run filled."""
     return [t - k if t >= k else t + k for t in token_ids]
+
+
+def process_start() -> float:
+    """When this process started, in `time.time()` seconds (Linux: /proc; elsewhere the
+    import of this module): the origin of a benchmark's first pass."""
+    try:
+        stat = pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def log(msg: str, quiet: bool) -> None:

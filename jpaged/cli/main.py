@@ -12,7 +12,7 @@ from . import chat, generate, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jpaged.benchmarks import memory, serving, throughput
+    from jpaged.benchmarks import memory, serving, step, throughput
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="jpaged", description="jpaged: an LLM serving engine in JAX with PagedAttention.")
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in [
             ("throughput", throughput, "offline throughput on a workload"),
             ("serving", serving, "serving latency and throughput against a server"),
-            ("memory", memory, "KV blocks saved by sharing (the paper's section 6.3)")]:
+            ("memory", memory, "KV blocks saved by sharing (the paper's section 6.3)"),
+            ("step", step, "decode step time next to this machine's floors")]:
         p = bench_sub.add_parser(name, help=help_text, description=module.DESCRIPTION,
                                  formatter_class=fmt)
         module.add_cli_args(p)

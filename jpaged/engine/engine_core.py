@@ -64,7 +64,8 @@ class EngineCore:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
-        kv = plan_kv_cache(config, loaded.config, jax.tree_util.tree_leaves(self.params)[0].dtype)
+        kv = plan_kv_cache(config, loaded.config, jax.tree_util.tree_leaves(self.params)[0].dtype,
+                           loaded.backend)
         self.max_model_len = kv.max_model_len
         self.runner = ModelRunner(loaded.module, self.params, loaded.config, loaded.backend, kv,
                                   max_num_seqs=config.max_num_seqs,

@@ -1,10 +1,10 @@
 """Whole-block operations on the KV pool: copy-on-write copies, swap out, swap in
 (docs/design.md, "Copy-on-write and beam search" and "Swapping").
 
-Each is one small jitted gather/scatter along the backend's `block_axis`, on both
-pools at once, with the pool donated (updated in place). Block lists are padded to
-power-of-two lengths (at least 8), so only a handful of variants ever compile:
-padding copies read block 0 and write past the end (dropped).
+Each is one small jitted gather and a loop of block writes along the backend's
+`block_axis`, on both pools at once, with the pool donated (updated in place, float32 and
+bfloat16 alike). Block lists are padded to power-of-two lengths (at least 8), so only a
+handful of variants ever compile; the loop stops at the real count.
 
 `HostKVPool` is the swap space: numpy arrays in the device pool's layout with
 `num_host_blocks` blocks, allocated lazily by the OS (zero pages until written).
@@ -24,10 +24,20 @@ def _index(axis: int, idx):
     return (slice(None),) * axis + (idx,)
 
 
+def _put_blocks(p, blocks, dst, count, axis: int):
+    """p with block dst[i] := blocks[i] along `axis`, for i < count: one dynamic-update-slice
+    per block in a loop, in place on the donated pool. (A scatter would do it in one op, but
+    XLA's CPU scatter into a bfloat16 pool goes through a float32 copy of the whole pool.)"""
+    def body(i, p):
+        return jax.lax.dynamic_update_slice_in_dim(
+            p, jax.lax.dynamic_slice_in_dim(blocks, i, 1, axis).astype(p.dtype), dst[i], axis)
+    return jax.lax.fori_loop(0, count, body, p)
+
+
 @functools.partial(jax.jit, static_argnames=("axis",), donate_argnums=(0,))
-def _copy(pool, src, dst, axis: int):
-    # Every source is read before any destination is written.
-    return tuple(p.at[_index(axis, dst)].set(jnp.take(p, src, axis=axis), mode="drop") for p in pool)
+def _copy(pool, src, dst, count, axis: int):
+    # Every source is gathered before any destination is written.
+    return tuple(_put_blocks(p, jnp.take(p, src, axis=axis), dst, count, axis) for p in pool)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
@@ -36,9 +46,8 @@ def _gather(pool, blocks, axis: int):
 
 
 @functools.partial(jax.jit, static_argnames=("axis",), donate_argnums=(0,))
-def _scatter(pool, blocks, values, axis: int):
-    return tuple(p.at[_index(axis, blocks)].set(v.astype(p.dtype), mode="drop")
-                 for p, v in zip(pool, values))
+def _scatter(pool, blocks, values, count, axis: int):
+    return tuple(_put_blocks(p, v, blocks, count, axis) for p, v in zip(pool, values))
 
 
 def _padded(ids, fill: int) -> np.ndarray:
@@ -49,8 +58,7 @@ def _padded(ids, fill: int) -> np.ndarray:
 
 def copy_blocks(pool, src, dst, axis: int):
     """pool with block dst[i] := block src[i] (all reads before writes)."""
-    num_blocks = pool[0].shape[axis]
-    return _copy(pool, _padded(src, 0), _padded(dst, num_blocks), axis=axis)
+    return _copy(pool, _padded(src, 0), _padded(dst, 0), np.int32(len(dst)), axis=axis)
 
 
 def gather_blocks(pool, blocks, axis: int) -> tuple[np.ndarray, ...]:
@@ -61,7 +69,6 @@ def gather_blocks(pool, blocks, axis: int) -> tuple[np.ndarray, ...]:
 
 def scatter_blocks(pool, blocks, values, axis: int):
     """pool with `blocks` overwritten by host arrays `values` (one per pool)."""
-    num_blocks = pool[0].shape[axis]
     n = len(blocks)
     padded = []
     for v in values:
@@ -70,7 +77,7 @@ def scatter_blocks(pool, blocks, values, axis: int):
         buf = np.zeros(shape, v.dtype)
         buf[_index(axis, slice(0, n))] = v
         padded.append(buf)
-    return _scatter(pool, _padded(blocks, num_blocks), tuple(padded), axis=axis)
+    return _scatter(pool, _padded(blocks, 0), tuple(padded), np.int32(n), axis=axis)
 
 
 class HostKVPool:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.attention.backend import AttentionBackend
 from jpaged.config import GiB, EngineConfig
 from jpaged.exceptions import KVCacheTooSmallError
 from jpaged.models import ModelConfig
@@ -63,15 +64,16 @@ def max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
     return length
 
 
-def plan_kv_cache(config: EngineConfig, model_config: ModelConfig, param_dtype) -> KVCacheConfig:
-    """The pool for this engine: `kv_cache_dtype` (auto: float32 on the CPU, where XLA's
-    scatter copies a bfloat16 pool through float32; the weights' dtype elsewhere) and as
-    many blocks as `kv_cache_memory` holds."""
+def plan_kv_cache(config: EngineConfig, model_config: ModelConfig, param_dtype,
+                  backend: AttentionBackend) -> KVCacheConfig:
+    """The pool for this engine: `kv_cache_dtype` (auto: what the attention backend keeps
+    for these weights, `AttentionBackend.pool_dtype`) and as many blocks as
+    `kv_cache_memory` holds."""
     on_cpu = jax.default_backend() == "cpu"
     if config.kv_cache_dtype != "auto":
         dtype = jnp.dtype(config.kv_cache_dtype)
     else:
-        dtype = jnp.dtype(jnp.float32 if on_cpu else param_dtype)
+        dtype = jnp.dtype(backend.pool_dtype(param_dtype, config.block_size, model_config.head_dim))
     length = max_model_len(config, model_config)
     budget = config.kv_cache_memory or default_kv_cache_memory()
     available = available_memory()

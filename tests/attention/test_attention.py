@@ -124,7 +124,7 @@ def _uses_kernel(be, *args):
     return cpu_attention.TARGET in str(jax.make_jaxpr(be.attend, static_argnums=(3, 5))(*args))
 
 
-@pytest.mark.parametrize("G,D", [(3, 64), (1, 32), (4, 128), (8, 128), (5, 96), (2, 256)])
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 32), (4, 128), (8, 128), (5, 96), (2, 256), (2, 16)])
 @pytest.mark.parametrize("q_lens,ctx_lens", [
     ([1] * 9, [1, 16, 17, 40, 200, 15, 33, 64, 65]),  # decode, page boundaries
     ([40, 1, 7, 16], [40, 90, 7, 100]),               # prefill tiles of 8 with cached context
@@ -150,7 +150,7 @@ def test_cpu_kernel_matches_reference(G, D, q_lens, ctx_lens):
 
 
 def test_cpu_backend_other_shapes_take_the_xla_path():
-    """8-token pages or head_dim 8: not the kernel's shapes; same pool, the jnp path."""
+    """8-token pages: not the kernel's shape; same pool, the jnp path."""
     rng = np.random.default_rng(5)
     q, k, v, meta, n = _case(rng, [1, 6], [20, 6], block_size=8, D=64)
     be = get_backend("cpu")
@@ -211,3 +211,54 @@ def test_backend_ignores_stale_slots(backend):
     got = np.asarray(get_backend(backend).attend(q, jnp.asarray(k), jnp.asarray(v), 0, meta, 0.125))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_write_matches_xla_scatter(pool_dtype, kv_dtype):
+    """The C++ write stores exactly what XLA's scatter stores (bfloat16: rounded to nearest
+    even, NaN kept), in both layers, dropping padding (-1) and out-of-pool slots."""
+    rng = np.random.default_rng(11)
+    shape = XlaBackend().pool_shape(2, 10, 16, 2, 32)
+    k_pool = jnp.asarray(rng.standard_normal(shape), pool_dtype)
+    v_pool = jnp.asarray(rng.standard_normal(shape), pool_dtype)
+    k = rng.standard_normal((7, 2, 32)).astype(np.float32)
+    k[0, 0, :3] = [np.nan, np.inf, 1 + 2 ** -8]  # a NaN, an infinity, a tie to round to even
+    k, v = jnp.asarray(k, kv_dtype), jnp.asarray(rng.standard_normal((7, 2, 32)), kv_dtype)
+    slots = jnp.asarray([0, 5, -1, 159, 160, 17, 33], jnp.int32)
+    write = jax.jit(cpu_attention.write_kv)
+    for layer in (0, 1):
+        want = XlaBackend().write(k_pool, v_pool, layer, k, v, slots)
+        got = write(k_pool, v_pool, jnp.int32(layer), k, v, slots)
+        for g, w in zip(got, want):
+            assert g.dtype == pool_dtype
+            np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_write_is_in_place_when_donated(dtype):
+    """No pool-sized temporary, for a bfloat16 pool too (XLA's own scatter into one
+    needs a float32 copy of both pools: asserted, so this test knows why the write exists)."""
+    shape, sd = (4, 512, 8, 16, 128), jax.ShapeDtypeStruct
+    args = (sd(shape, dtype), sd(shape, dtype), sd((), jnp.int32), sd((64, 8, 128), jnp.float32),
+            sd((64, 8, 128), jnp.float32), sd((64,), jnp.int32))
+    pool_bytes = np.prod(shape) * jnp.dtype(dtype).itemsize
+
+    def temp_bytes(write):
+        return jax.jit(write, donate_argnums=(0, 1)).trace(*args).lower().compile() \
+            .memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(cpu_attention.write_kv) < pool_bytes // 100
+    if dtype == jnp.bfloat16:
+        assert temp_bytes(XlaBackend().write) > pool_bytes
+
+
+@pytest.mark.parametrize("backend,param_dtype,head_dim,pool_dtype", [
+    ("cpu", jnp.bfloat16, 64, jnp.bfloat16), ("cpu", jnp.float32, 64, jnp.float32),
+    ("cpu", jnp.float16, 64, jnp.float32), ("xla", jnp.bfloat16, 64, jnp.float32),
+    ("cpu", jnp.bfloat16, 8, jnp.float32)])  # not the kernel's shape: the xla path's pool
+def test_pool_dtype_follows_what_the_backend_reads_and_writes_in_place(backend, param_dtype,
+                                                                        head_dim, pool_dtype):
+    """Where XLA's own ops touch a bfloat16 pool (the `xla` backend, shapes the kernel does
+    not take), they copy it through float32 every step: such pools stay float32."""
+    assert get_backend(backend).pool_dtype(param_dtype, 16, head_dim) == pool_dtype

@@ -23,7 +23,8 @@ def test_bench_throughput_json(tiny_text_model, tmp_path, capsys):
     for key in ("requests", "prompt_tokens", "output_tokens", "wall_s", "output_tokens_per_s",
                 "total_tokens_per_s", "kv_utilization_peak", "kv_utilization_mean",
                 "preemptions", "compilations", "load_s", "warmup_s", "dtype", "model",
-                "max_num_seqs", "hf_output_tokens_per_s", "speedup_vs_hf"):
+                "max_num_seqs", "hf_output_tokens_per_s", "speedup_vs_hf", "first_pass_s",
+                "first_pass_output_tokens_per_s"):
         assert key in result, key
     assert result["requests"] == 6
     assert result["prompt_tokens"] == sum(len(r["prompt_token_ids"]) for r in workload)
@@ -35,5 +36,7 @@ def test_bench_throughput_json(tiny_text_model, tmp_path, capsys):
     assert 0 < result["kv_utilization_mean"] <= result["kv_utilization_peak"] <= 1
     assert result["preemptions"] >= 0 and result["warmup_s"] > 0 and result["load_s"] > 0
     assert result["dtype"] == "float32" and result["max_num_seqs"] == 4
+    # The first pass runs from process start (pytest's) to the end of the warm-up pass.
+    assert result["first_pass_s"] > result["load_s"] + result["warmup_s"]
     assert result["speedup_vs_hf"] == pytest.approx(
         result["output_tokens_per_s"] / result["hf_output_tokens_per_s"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 from jpaged import SamplingParams
 
 from helpers import BLOCK_SIZE, run_checked, tiny_llm
@@ -29,8 +31,9 @@ def _prefilled(llm, prompt, params=GREEDY):
     return out, llm.stats.prefill_tokens - before
 
 
-def test_shared_512_token_prefix_prefills_only_the_suffix():
-    llm = tiny_llm()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shared_512_token_prefix_prefills_only_the_suffix(dtype):
+    llm = tiny_llm(dtype)
     prefix = [(13 * j) % 500 + 3 for j in range(512)]
     first, second = prefix + [5] * 20, prefix + [9, 8, 7, 6] * 5
     with _caching(llm, False):

@@ -3,6 +3,7 @@ blocks, diverge by copy-on-write, sample as if alone, and never touch each other
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from jpaged import SamplingParams
 
@@ -82,8 +83,10 @@ def _kv_of(llm, seq) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.moveaxis(x, 1, 0)[:seq.num_computed_tokens] for x in kv)
 
 
-def test_copy_on_write_keeps_each_sequence_kv_its_own():
-    llm = tiny_llm()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_copy_on_write_keeps_each_sequence_kv_its_own(dtype):
+    llm = tiny_llm(dtype)
+    assert str(llm.runner.kv_pool[0].dtype) == dtype
     L = 2 * BLOCK_SIZE + 9
     rid = llm.add_request(_prompt(3, L), SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=24,
                                                         ignore_eos=True))

@@ -1,14 +1,19 @@
 """Swap preemption: a preempted group's blocks go to host memory and come back; outputs equal
-recompute preemption and unpreempted runs; the host pool ends empty."""
+recompute preemption and unpreempted runs; the host pool ends empty. Float32 and bfloat16
+pools."""
 from __future__ import annotations
+
+import pytest
 
 from jpaged import SamplingParams
 
 from helpers import run_checked, tiny_llm
 
 
-def test_swap_outputs_equal_recompute_and_unpreempted():
-    llm = tiny_llm()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swap_outputs_equal_recompute_and_unpreempted(dtype):
+    llm = tiny_llm(dtype)
+    assert llm.kv_cache_stats()["total_blocks"] == 64 and str(llm.runner.kv_pool[0].dtype) == dtype
     prompts = [[(11 * i + 3 * j) % 500 + 3 for j in range(40 + 13 * i)] for i in range(6)]
     greedy = SamplingParams(temperature=0.0, max_tokens=110, ignore_eos=True)
     group = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=90, ignore_eos=True)

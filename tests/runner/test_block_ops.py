@@ -33,3 +33,19 @@ def test_block_copy_gather_scatter(axis):
         np.testing.assert_array_equal(take(np.asarray(got), [4, 6, 8]), take(before, [9, 0, 3]))
         np.testing.assert_array_equal(take(np.asarray(got), [0, 1, 2, 3, 5, 7, 9]),
                                       take(before, [0, 1, 2, 3, 5, 7, 9]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_block_copy_and_swap_in_are_in_place(dtype):
+    """Copy-on-write copies and swap-ins on a donated pool need no pool-sized temporary,
+    bfloat16 included (XLA's CPU scatter would copy that pool through float32)."""
+    import jax
+    from jpaged.runner import block_ops
+    sd, shape = jax.ShapeDtypeStruct, (4, 512, 8, 16, 128)
+    pool = (sd(shape, dtype), sd(shape, dtype))
+    ids, count = sd((8,), jnp.int32), sd((), jnp.int32)
+    values = (sd((4, 8, 8, 16, 128), dtype),) * 2
+    pool_bytes = np.prod(shape) * jnp.dtype(dtype).itemsize
+    for compiled in (block_ops._copy.trace(pool, ids, ids, count, axis=1).lower().compile(),
+                     block_ops._scatter.trace(pool, ids, values, count, axis=1).lower().compile()):
+        assert compiled.memory_analysis().temp_size_in_bytes < pool_bytes // 8

@@ -19,10 +19,13 @@ def _tiny_llm(tmp_path, **kw):
     return LLM(str(tmp_path), **args)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "xla"])
-def test_step_never_copies_the_pool(tmp_path, backend):
-    llm = _tiny_llm(tmp_path, kv_cache_memory=256 << 20, attention_backend=backend)
+@pytest.mark.parametrize("backend,dtype", [("cpu", "float32"), ("cpu", "bfloat16"), ("xla", "float32")])
+def test_step_never_copies_the_pool(tmp_path, backend, dtype):
+    """Float32 and bfloat16 pools (the `cpu` backend's own write keeps a bfloat16 model's
+    pool bfloat16 and in place)."""
+    llm = _tiny_llm(tmp_path, kv_cache_memory=256 << 20, attention_backend=backend, dtype=dtype)
     assert llm.runner.backend.name == backend
+    assert jax.tree_util.tree_leaves(llm.runner.kv_pool)[0].dtype == dtype
     from jpaged.runner.sampling_tensors import sampler_mode
     mode = sampler_mode([SamplingParams(temperature=0.0)], False, 20)
     pool = llm.runner.pool_bytes

@@ -1,5 +1,5 @@
-// Paged attention for the CPU, an XLA FFI custom call (jpaged/cpu_attention.py builds and
-// registers it). Same pool layout as the `xla` backend: per block and KV head, K is stored
+// Paged attention for the CPU and the write of each step's K/V into the pool: two XLA FFI
+// custom calls (jpaged/attention/cpu.py builds and registers them). Same pool layout as the `xla` backend: per block and KV head, K is stored
 // transposed [head_dim, block_size] and V [block_size, head_dim], so a page's scores are one
 // vector of block_size keys per head_dim step and its values one vector of head_dim per key.
 //
@@ -7,10 +7,15 @@
 // page loop's small fusions one after another; here each page is read once, straight from
 // the pool, by the queries (and the GQA group of heads) that need it.
 //
-// Shapes: block_size 16 (a page's keys are one vector of 16 floats) and head_dim 32, 64,
+// Shapes: block_size 16 (a page's keys are one row of 16 floats) and head_dim 16, 32, 64,
 // 96, 128 or 256; `supported()` in cpu_attention.py sends other shapes to the `xla` backend.
 // Work items are (sequence, tile of queries, KV heads); the calling thread and XLA's
 // intra-op threads take them from one atomic counter.
+//
+// The write (JpagedWriteKV) stores new K/V straight into the donated pool, its outputs
+// aliased to its inputs: XLA's CPU scatter into a bfloat16 pool goes through a float32 copy
+// of the whole pool, so without it the pool had to stay float32 and attention read twice
+// the bytes.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -28,12 +33,22 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kTileQueries = 8;  // queries of one sequence per work item
+constexpr int64_t kPrefetchPages = 2;  // how far ahead pages are prefetched (1 measured 1.2x slower)
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
+}
+
+// Round to nearest even, as XLA's convert does; NaN stays a (quiet) NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 struct Problem {
@@ -57,13 +72,12 @@ struct Item {
 
 // One thread's working set; row r = (query r / G, member r % G of the KV head's group).
 struct Scratch {
-  std::vector<float> q, acc, m, l, k_f32, v_f32;
+  std::vector<float> q, acc, m, l;
   std::vector<int64_t> visible;
   void reserve(int64_t rows, int64_t D, int64_t bs) {
     if (static_cast<int64_t>(m.size()) < rows) {
       q.resize(rows * D); acc.resize(rows * D); m.resize(rows); l.resize(rows); visible.resize(rows);
     }
-    if (static_cast<int64_t>(k_f32.size()) < D * bs) { k_f32.resize(D * bs); v_f32.resize(D * bs); }
   }
 };
 
@@ -71,94 +85,144 @@ inline void prefetch(const char* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
-// Registers hold tiles of up to 4 rows; each row keeps two partial sums of its scores and
-// head_dim / 16 vectors of its output, so the dots are many short independent chains
-// instead of one long one.
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+// The machine's vector: 16 floats with AVX-512, else 8 (AVX2; the library is built with
+// -march=native for the CPU it runs on). Register tiles are sized for it: 32 registers with
+// AVX-512, 16 with AVX2, where a tile made for 32 spills.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+constexpr int KVEC = 16 / VW;  // vectors per page row of 16 keys
 
-inline v16 load16(const float* p) { v16 x; std::memcpy(&x, p, sizeof(x)); return x; }
-inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof(x)); }
+// A vector of floats from float32 or bfloat16 (uint16_t) memory: bfloat16 widens exactly
+// (its bits are a float32's top half), so a bfloat16 pool is read at half the bytes.
+template <typename T>
+inline vf loadv(const T* p);
+template <>
+inline vf loadv<float>(const float* p) { vf x; std::memcpy(&x, p, sizeof(x)); return x; }
+template <>
+inline vf loadv<uint16_t>(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu w = __builtin_convertvector(h, vu) << 16;
+  vf x;
+  std::memcpy(&x, &w, sizeof(x));
+  return x;
+}
+inline void storev(float* p, vf x) { std::memcpy(p, &x, sizeof(x)); }
+
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 // exp for x <= 0 (scores minus their running max): 2^n * p(r), |r| <= ln2/2, n rounded
-// with the 1.5 * 2^23 trick (std::nearbyint would keep it scalar).
-inline v16 exp16(v16 x) {
-  x = x < -87.0f ? v16{} - 87.0f : x;
-  const v16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  v16 p = v16{} + 1.9875691500e-4f;
+// with the 1.5 * 2^23 trick (std::nearbyint would keep it scalar). Everything here is on the
+// native vector: a wider GCC vector is split into scalar compares and blends on AVX2.
+inline vf expv(vf x) {
+  const vf lo = vf{} - 87.0f;
+  x = x < lo ? lo : x;
+  const vf n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = vf{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-  v16 scale;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-inline float hmax(v16 x) {
+inline float hmax(vf x) {
   float m = x[0];
-  for (int i = 1; i < 16; ++i) m = x[i] > m ? x[i] : m;
+  for (int i = 1; i < VW; ++i) m = std::max(m, x[i]);
   return m;
 }
 
-inline float hsum(v16 x) {
+inline float hsum(vf x) {
   float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += x[i];
+  for (int i = 0; i < VW; ++i) s += x[i];
   return s;
 }
 
-// Rows r0 .. r0 + R of one head over one page: scores, online softmax, values.
-// q, acc: [rows, DC * 16]; k: [DC * 16, 16]; v: [16, DC * 16]; visible[r]: keys of the page row r sees.
-template <int R, int DC>
-inline void page_tile(const float* q, const float* k, const float* v, const int64_t* visible,
+inline float exp_scalar(float x) { return expv(vf{} + x)[0]; }  // exp(-inf) = 0
+
+// Rows r0 .. r0 + R (R <= 4) of one head over one page: scores, online softmax, values.
+// q, acc: [rows, D] float32; k: [D, 16] and v: [16, D] of element type T (float or
+// bfloat16 bits); visible[r]: keys of the page row r sees. Scores keep 8 independent FMA
+// chains (rows x key vectors, x 2 over d with AVX-512); values run over D in chunks of two
+// vectors so the accumulators stay in registers.
+template <int R, int D, typename T>
+inline void page_tile(const float* q, const T* k, const T* v, const int64_t* visible,
                       float* m, float* l, float* acc) {
-  constexpr int D = DC * 16;
-  v16 s[R][2] = {};
-  for (int d = 0; d < D; d += 2) {
-    const v16 k0 = load16(k + d * 16), k1 = load16(k + (d + 1) * 16);
-    for (int r = 0; r < R; ++r) {
-      s[r][0] += q[r * D + d] * k0;
-      s[r][1] += q[r * D + d + 1] * k1;
+  constexpr int CH = KVEC == 1 ? 2 : 1;
+  vf s[R][KVEC][CH] = {};
+  for (int d = 0; d < D; d += CH)
+    for (int c = 0; c < CH; ++c) {
+      vf kj[KVEC];
+      for (int j = 0; j < KVEC; ++j) kj[j] = loadv(k + (d + c) * 16 + j * VW);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < KVEC; ++j) s[r][j][c] += q[r * D + d + c] * kj[j];
     }
-  }
-  const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vf lane;
+  for (int i = 0; i < VW; ++i) lane[i] = static_cast<float>(i);
   alignas(64) float e[R][16];
   float correction[R];
   for (int r = 0; r < R; ++r) {
-    const v16 seen = lane < static_cast<float>(visible[r]) ? v16{} + 1.0f : v16{};
-    const v16 sr = seen > 0.0f ? s[r][0] + s[r][1] : v16{} - 1e30f;
-    const float mx = std::max(m[r], hmax(sr));
-    const v16 er = exp16(sr - mx) * seen;
-    correction[r] = exp16(v16{} + (m[r] - mx))[0];  // exp(-inf) = 0 at the first page
-    l[r] = l[r] * correction[r] + hsum(er);
+    vf sr[KVEC], seen[KVEC];
+    vf mxv = vf{} - 1e30f;
+    for (int j = 0; j < KVEC; ++j) {
+      vf sum = s[r][j][0];
+      for (int c = 1; c < CH; ++c) sum += s[r][j][c];
+      seen[j] = (lane + static_cast<float>(j * VW)) < static_cast<float>(visible[r]) ? vf{} + 1.0f : vf{};
+      sr[j] = seen[j] > 0.0f ? sum : vf{} - 1e30f;
+      mxv = sr[j] > mxv ? sr[j] : mxv;
+    }
+    const float mx = std::max(m[r], hmax(mxv));
+    vf total = vf{};
+    for (int j = 0; j < KVEC; ++j) {
+      const vf ej = expv(sr[j] - mx) * seen[j];
+      total += ej;
+      storev(e[r] + j * VW, ej);
+    }
+    correction[r] = exp_scalar(m[r] - mx);  // 0 at the first page (m = -inf)
+    l[r] = l[r] * correction[r] + hsum(total);
     m[r] = mx;
-    store16(e[r], er);
   }
-  v16 a[R][DC];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DC; ++c) a[r][c] = load16(acc + r * D + c * 16) * correction[r];
   // Only keys some row sees: the rest of a page may hold stale values (even NaN) that a
   // zero weight would not cancel.
   int64_t keys = 0;
   for (int r = 0; r < R; ++r) keys = std::max(keys, visible[r]);
-  for (int t = 0; t < keys; ++t)
-    for (int c = 0; c < DC; ++c) {
-      const v16 vt = load16(v + t * D + c * 16);
-      for (int r = 0; r < R; ++r) a[r][c] += e[r][t] * vt;
+  constexpr int NV = D / VW;            // vectors per row of values
+  constexpr int CW = NV % 2 ? 1 : 2;     // vectors per chunk (head_dim 16 on AVX-512: one)
+  for (int c0 = 0; c0 < NV; c0 += CW) {
+    vf a[R][CW];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CW; ++c) a[r][c] = loadv(acc + r * D + (c0 + c) * VW) * correction[r];
+    for (int t = 0; t < keys; ++t) {
+      vf vt[CW];
+      for (int c = 0; c < CW; ++c) vt[c] = loadv(v + t * D + (c0 + c) * VW);
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < CW; ++c) a[r][c] += e[r][t] * vt[c];
     }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DC; ++c) store16(acc + r * D + c * 16, a[r][c]);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CW; ++c) storev(acc + r * D + (c0 + c) * VW, a[r][c]);
+  }
 }
 
-template <int DC>
+template <int D, typename T>
 void attend_item(const Problem& p, const Item& it, Scratch& sc) {
-  constexpr int64_t D = DC * 16, bs = 16;
-  const int64_t G = p.heads / p.kv_heads, rows = it.count * G;  // row r: query r / G, member r % G
-  sc.reserve(rows, D, bs);
+  constexpr int64_t bs = 16;
+  // Row r of head h: query r / G, member r % G; heads of the item lie side by side in the
+  // scratch (hr = h - head0) so one page of the sequence is read for all of them at once:
+  // a block's KV heads are contiguous in the pool, one sequential read instead of several.
+  const int64_t G = p.heads / p.kv_heads, rows = it.count * G, nh = it.head1 - it.head0;
+  sc.reserve(nh * rows, D, bs);
   float* q = sc.q.data();
   float* acc = sc.acc.data();
   float* m = sc.m.data();
@@ -169,60 +233,73 @@ void attend_item(const Problem& p, const Item& it, Scratch& sc) {
   const int32_t first_pos = p.context_lens[it.seq] - q_len + it.first;
   const int64_t pages = (first_pos + it.count - 1) / bs + 1;
   const int32_t* table = p.block_tables + it.seq * p.max_pages;
-  const int64_t page_elems = D * bs, page_bytes = page_elems * p.elem_size;
-  for (int64_t h = it.head0; h < it.head1; ++h) {
-    auto row_ptr = [&](const float* base, int64_t r) {
-      return base + ((q_start + it.first + r / G) * p.heads + h * G + r % G) * D;
-    };
+  const int64_t page_elems = D * bs, page_bytes = page_elems * sizeof(T);
+  const T* k_pool = reinterpret_cast<const T*>(p.k_pool);
+  const T* v_pool = reinterpret_cast<const T*>(p.v_pool);
+  auto row_ptr = [&](const float* base, int64_t h, int64_t r) {
+    return base + ((q_start + it.first + r / G) * p.heads + h * G + r % G) * D;
+  };
+  for (int64_t hr = 0; hr < nh; ++hr)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* src = row_ptr(p.q, r);
-      for (int64_t d = 0; d < D; ++d) q[r * D + d] = src[d] * p.scale;
-      for (int64_t d = 0; d < D; ++d) acc[r * D + d] = 0.0f;
-      m[r] = -INFINITY;
-      l[r] = 0.0f;
+      const float* src = row_ptr(p.q, it.head0 + hr, r);
+      float* qr = q + (hr * rows + r) * D;
+      for (int64_t d = 0; d < D; ++d) qr[d] = src[d] * p.scale;
+      for (int64_t d = 0; d < D; ++d) acc[(hr * rows + r) * D + d] = 0.0f;
+      m[hr * rows + r] = -INFINITY;
+      l[hr * rows + r] = 0.0f;
     }
-    auto page_offset = [&](int64_t page) {
-      return ((p.layer * p.num_blocks + table[page]) * p.kv_heads + h) * page_bytes;
-    };
-    for (int64_t page = 0; page < pages; ++page) {
-      const int64_t offset = page_offset(page);
-      if (page + 1 < pages) {  // the next page, while this one computes
-        prefetch(p.k_pool + page_offset(page + 1), page_bytes);
-        prefetch(p.v_pool + page_offset(page + 1), page_bytes);
-      }
-      const float* k;
-      const float* v;
-      if (p.elem_size == 2) {
-        const uint16_t* k16 = reinterpret_cast<const uint16_t*>(p.k_pool + offset);
-        const uint16_t* v16p = reinterpret_cast<const uint16_t*>(p.v_pool + offset);
-        for (int64_t i = 0; i < page_elems; ++i) sc.k_f32[i] = bf16_to_f32(k16[i]);
-        for (int64_t i = 0; i < page_elems; ++i) sc.v_f32[i] = bf16_to_f32(v16p[i]);
-        k = sc.k_f32.data();
-        v = sc.v_f32.data();
-      } else {
-        k = reinterpret_cast<const float*>(p.k_pool + offset);
-        v = reinterpret_cast<const float*>(p.v_pool + offset);
-      }
-      // Rows are in query order: the first ones may come before this page and see none of it.
-      int64_t r = rows;
-      for (int64_t i = rows - 1; i >= 0; --i) {
-        visible[i] = std::min<int64_t>(bs, first_pos + i / G - page * bs + 1);
-        if (visible[i] > 0) r = i;
-      }
+  auto page_offset = [&](int64_t page, int64_t h) {  // in elements
+    return ((p.layer * p.num_blocks + table[page]) * p.kv_heads + h) * page_elems;
+  };
+  for (int64_t page = 1; page < std::min<int64_t>(kPrefetchPages, pages); ++page) {
+    prefetch(reinterpret_cast<const char*>(k_pool + page_offset(page, it.head0)), nh * page_bytes);
+    prefetch(reinterpret_cast<const char*>(v_pool + page_offset(page, it.head0)), nh * page_bytes);
+  }
+  for (int64_t page = 0; page < pages; ++page) {
+    if (page + kPrefetchPages < pages) {  // a later page of every head, while this one computes
+      const int64_t ahead = page + kPrefetchPages;
+      prefetch(reinterpret_cast<const char*>(k_pool + page_offset(ahead, it.head0)), nh * page_bytes);
+      prefetch(reinterpret_cast<const char*>(v_pool + page_offset(ahead, it.head0)), nh * page_bytes);
+    }
+    // Rows are in query order: the first ones may come before this page and see none of it.
+    int64_t r0 = rows;
+    for (int64_t i = rows - 1; i >= 0; --i) {
+      visible[i] = std::min<int64_t>(bs, first_pos + i / G - page * bs + 1);
+      if (visible[i] > 0) r0 = i;
+    }
+    for (int64_t hr = 0; hr < nh; ++hr) {
+      const T* k = k_pool + page_offset(page, it.head0 + hr);
+      const T* v = v_pool + page_offset(page, it.head0 + hr);
+      const int64_t o = hr * rows;
+      int64_t r = r0;
       for (; r + 4 <= rows; r += 4)
-        page_tile<4, DC>(q + r * D, k, v, &visible[r], m + r, l + r, acc + r * D);
+        page_tile<4, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D);
       switch (rows - r) {
-        case 3: page_tile<3, DC>(q + r * D, k, v, &visible[r], m + r, l + r, acc + r * D); break;
-        case 2: page_tile<2, DC>(q + r * D, k, v, &visible[r], m + r, l + r, acc + r * D); break;
-        case 1: page_tile<1, DC>(q + r * D, k, v, &visible[r], m + r, l + r, acc + r * D); break;
+        case 3: page_tile<3, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
+        case 2: page_tile<2, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
+        case 1: page_tile<1, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
         default: break;
       }
     }
+  }
+  for (int64_t hr = 0; hr < nh; ++hr)
     for (int64_t r = 0; r < rows; ++r) {
-      float* dst = const_cast<float*>(row_ptr(p.out, r));
-      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-      for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
+      float* dst = const_cast<float*>(row_ptr(p.out, it.head0 + hr, r));
+      const int64_t i = hr * rows + r;
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      for (int64_t d = 0; d < D; ++d) dst[d] = acc[i * D + d] * inv;
     }
+}
+
+template <typename T>
+void attend_item_typed(const Problem& p, const Item& it, Scratch& sc) {
+  switch (p.head_dim) {
+    case 16: attend_item<16, T>(p, it, sc); break;
+    case 32: attend_item<32, T>(p, it, sc); break;
+    case 64: attend_item<64, T>(p, it, sc); break;
+    case 96: attend_item<96, T>(p, it, sc); break;
+    case 128: attend_item<128, T>(p, it, sc); break;
+    default: attend_item<256, T>(p, it, sc); break;  // 256, checked
   }
 }
 
@@ -241,13 +318,8 @@ struct Work {
     std::unique_ptr<Scratch> scratch;
     for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
       if (!scratch) scratch = std::make_unique<Scratch>();
-      switch (problem.head_dim) {
-        case 32: attend_item<2>(problem, items[i], *scratch); break;
-        case 64: attend_item<4>(problem, items[i], *scratch); break;
-        case 96: attend_item<6>(problem, items[i], *scratch); break;
-        case 128: attend_item<8>(problem, items[i], *scratch); break;
-        default: attend_item<16>(problem, items[i], *scratch); break;  // 256, checked
-      }
+      if (problem.elem_size == 2) attend_item_typed<uint16_t>(problem, items[i], *scratch);
+      else attend_item_typed<float>(problem, items[i], *scratch);
       if (done.fetch_add(1) + 1 == total) {
         std::lock_guard<std::mutex> lock(mu);
         cv.notify_all();
@@ -288,9 +360,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   p.out = out->typed_data();
   if (qd[2] != p.head_dim || p.heads % p.kv_heads)
     return ffi::Error::InvalidArgument("paged attention: q's heads or head_dim do not match the pool");
-  if (p.block_size != 16 || (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 96 &&
-                             p.head_dim != 128 && p.head_dim != 256))
-    return ffi::Error::InvalidArgument("paged attention: needs block_size 16 and head_dim 32/64/96/128/256");
+  if (p.block_size != 16 || (p.head_dim != 16 && p.head_dim != 32 && p.head_dim != 64 &&
+                             p.head_dim != 96 && p.head_dim != 128 && p.head_dim != 256))
+    return ffi::Error::InvalidArgument("paged attention: needs block_size 16 and head_dim 16/32/64/96/128/256");
   std::memset(p.out, 0, sizeof(float) * qd[0] * qd[1] * qd[2]);  // padding tokens: zeros
 
   auto work = std::make_shared<Work>();
@@ -333,6 +405,65 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   return ffi::Error::Success();
 }
 
+
+// ---- the K/V write ------------------------------------------------------------------------
+
+// Element i of a [N, KV, D] float32 or bfloat16 buffer, as float32.
+inline float element(const void* base, bool bf16, int64_t i) {
+  return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+inline void store(void* base, bool bf16, int64_t i, float x) {
+  if (bf16) static_cast<uint16_t*>(base)[i] = f32_to_bf16(x);
+  else static_cast<float*>(base)[i] = x;
+}
+
+// k, v [N, KV, D] into layer `layer` of the pools at slot_mapping[n] = block * bs + offset
+// (K transposed inside a block, as above); slots outside the pool (padding: -1) are dropped.
+ffi::Error WriteKV(ffi::AnyBuffer k_pool, ffi::AnyBuffer v_pool, ffi::Buffer<ffi::S32> layer,
+                   ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> slot_mapping,
+                   ffi::Result<ffi::AnyBuffer> k_out, ffi::Result<ffi::AnyBuffer> v_out) {
+  auto pd = k_pool.dimensions();
+  auto kd = k.dimensions();
+  if (pd.size() != 5 || kd.size() != 3 || v_pool.dimensions().size() != 5 || v.dimensions().size() != 3)
+    return ffi::Error::InvalidArgument("write_kv: pools [L, blocks, KV, bs, D], k and v [N, KV, D]");
+  const int64_t L = pd[0], NB = pd[1], KV = pd[2], bs = pd[3], D = pd[4], N = kd[0];
+  for (int i = 0; i < 5; ++i)
+    if (v_pool.dimensions()[i] != pd[i]) return ffi::Error::InvalidArgument("write_kv: K and V pools differ");
+  for (int i = 0; i < 3; ++i)
+    if (v.dimensions()[i] != kd[i]) return ffi::Error::InvalidArgument("write_kv: k and v differ");
+  if (kd[1] != KV || kd[2] != D || static_cast<int64_t>(slot_mapping.element_count()) != N)
+    return ffi::Error::InvalidArgument("write_kv: k/v [N, KV, D] and slot_mapping [N] must match the pool");
+  auto pool_type = k_pool.element_type(), in_type = k.element_type();
+  auto ok = [](ffi::DataType t) { return t == ffi::F32 || t == ffi::BF16; };
+  if (!ok(pool_type) || v_pool.element_type() != pool_type || !ok(in_type) || v.element_type() != in_type)
+    return ffi::Error::InvalidArgument("write_kv: pools and k/v must be float32 or bfloat16");
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("write_kv: layer outside the pool");
+  const bool pool_bf16 = pool_type == ffi::BF16, in_bf16 = in_type == ffi::BF16;
+  void* kp = k_out->untyped_data();
+  void* vp = v_out->untyped_data();
+  // Aliased, the outputs are the pools; should XLA ever hand over other buffers, start from a copy.
+  if (kp != k_pool.untyped_data()) std::memcpy(kp, k_pool.untyped_data(), k_pool.size_bytes());
+  if (vp != v_pool.untyped_data()) std::memcpy(vp, v_pool.untyped_data(), v_pool.size_bytes());
+  const int32_t* slots = slot_mapping.typed_data();
+  const void* ks = k.untyped_data();
+  const void* vs = v.untyped_data();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t slot = slots[n];
+    if (slot < 0 || slot >= NB * bs) continue;
+    const int64_t block = slot / bs, offset = slot % bs;
+    for (int64_t h = 0; h < KV; ++h) {
+      const int64_t page = ((l * NB + block) * KV + h) * bs * D, src = (n * KV + h) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        store(kp, pool_bf16, page + d * bs + offset, element(ks, in_bf16, src + d));
+        store(vp, pool_bf16, page + offset * D + d, element(vs, in_bf16, src + d));
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPagedAttention, PagedAttention,
@@ -347,3 +478,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPagedAttention, PagedAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedWriteKV, WriteKV,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
