@@ -2,7 +2,7 @@
 (docs/design.md, "Buckets and compilation").
 
 Token, sequence and query-length dimensions are rounded up to powers of two
-(decode batches to multiples of 8, `decode_bucket`),
+(decode batches to multiples of 8, or one row, `decode_bucket`),
 and block tables are always `max_model_len / block_size` pages wide (attention
 loops only over the pages in use), so the jitted step compiles for a small,
 known set of shapes; `step_buckets` enumerates them for warm-up. Padding tokens
@@ -48,10 +48,13 @@ def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
     return min(size, cap) if cap else size
 
 
-def decode_bucket(num_seqs: int) -> int:
+def decode_bucket(num_seqs: int, single_row: bool = False) -> int:
     """Rows of a decode step: multiples of 8 up to 64, of 32 up to 256, then powers of two
-    (as vLLM's CUDA-graph batch sizes). Padding rows cost their share of every matmul:
-    40 sequences in a 64-row step took 1.12x the time of a 40-row step."""
+    (as vLLM's CUDA-graph batch sizes), and with `single_row` 1 for a single stream. Padding
+    rows cost their share of every matmul: 40 sequences in a 64-row step took 1.12x the time
+    of a 40-row step."""
+    if single_row and num_seqs <= 1:
+        return 1
     for step, limit in ((8, 64), (32, 256)):
         if num_seqs <= limit:
             return max(step, cdiv(num_seqs, step) * step)
@@ -60,8 +63,9 @@ def decode_bucket(num_seqs: int) -> int:
 
 class InputBuilder:
     def __init__(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, single_row_decode: bool = False):
         self.block_size = block_size
+        self.single_row_decode = single_row_decode  # a 1-row decode shape (`decode_bucket`)
         self.max_pages = cdiv(max_model_len, block_size)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -71,7 +75,7 @@ class InputBuilder:
         num_seqs = len(batch.seqs)
         P = self.max_pages
         if not batch.is_prefill:
-            B = decode_bucket(num_seqs)
+            B = decode_bucket(num_seqs, self.single_row_decode)
             return B, B, 1, P
         N = bucket(batch.num_tokens, 16)
         B = bucket(num_seqs, 1)
@@ -81,7 +85,7 @@ class InputBuilder:
     def step_buckets(self) -> list[tuple[int, int, int, int]]:
         """Every (N, B, Q, P) the scheduler can produce under this configuration."""
         pages = [self.max_pages]
-        seqs = sorted({decode_bucket(b) for b in range(1, self.max_num_seqs + 1)})
+        seqs = sorted({decode_bucket(b, self.single_row_decode) for b in range(1, self.max_num_seqs + 1)})
         out = [(B, B, 1, P) for B in seqs for P in pages]
         tokens = sorted({bucket(n, 16) for n in range(1, self.max_num_batched_tokens + 1)})
         for N in tokens:

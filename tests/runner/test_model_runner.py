@@ -50,13 +50,27 @@ def test_no_compilation_after_warmup(tmp_path):
     assert llm.num_compilations() == before
 
 
-def test_decode_buckets_are_multiples_of_eight():
+@pytest.mark.parametrize("single_row", [False, True])
+def test_decode_buckets_are_multiples_of_eight_or_one_row(single_row):
     from jpaged.runner.input_builder import InputBuilder, decode_bucket
-    assert [decode_bucket(n) for n in (1, 8, 9, 20, 57, 64, 65, 200, 257)] == \
-        [8, 8, 16, 24, 64, 64, 96, 224, 512]
-    ib = InputBuilder(block_size=16, max_num_seqs=64, max_num_batched_tokens=256, max_model_len=256)
+    one = [1] if single_row else [8]
+    assert [decode_bucket(n, single_row) for n in (1, 2, 8, 9, 20, 57, 64, 65, 200, 257)] == \
+        one + [8, 8, 16, 24, 64, 64, 96, 224, 512]
+    ib = InputBuilder(block_size=16, max_num_seqs=64, max_num_batched_tokens=256, max_model_len=256,
+                      single_row_decode=single_row)
     decode = sorted(B for N, B, Q, P in ib.step_buckets() if Q == 1)
-    assert decode == list(range(8, 65, 8))  # every decode shape warm-up must compile
+    assert decode == one[:single_row] + list(range(8, 65, 8))  # every decode shape warm-up must compile
+
+
+@pytest.mark.parametrize("dtype,single_row", [("float32", True), ("bfloat16", False)])
+def test_single_stream_row_follows_the_weights_dtype(tmp_path, dtype, single_row):
+    """One running sequence decodes in a 1-row step with float32 weights (XLA's CPU
+    matrix-vector dots), padded to 8 rows with bfloat16 ones (slower as one row)."""
+    llm = _tiny_llm(tmp_path, dtype=dtype)
+    assert llm.runner.input_builder.single_row_decode is single_row
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -1,7 +1,7 @@
 """llama.cpp as a single-stream peer: one request at a time, greedy, each generating exactly
 its max_tokens, timed after a warm-up request; output tokens/s is 1 / time per output token.
 
-    python scripts/peers/llama_cpp.py --gguf FILE [--workload single_stream.json] [--json]
+    python scripts/peers/llama_cpp_peer.py --gguf FILE [--workload single_stream.json] [--json]
 
 Needs `llama-cpp-python` (pip builds it from source for this CPU; a benchmark peer, never a
 jpaged dependency), in jpaged's venv or its own. The same workload through jpaged:
