@@ -59,6 +59,7 @@ def _decode_batch(llm, batch_size: int, context: int):
     """A decode SchedulerOutput of `batch_size` sequences with `context` tokens each, their
     pages drawn at random from the pool (none shared)."""
     import numpy as np
+
     from jpaged.core.scheduler_output import SchedulerOutput
     from jpaged.core.sequence import Sequence
     bs = llm.config.block_size
@@ -80,11 +81,11 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
                    **engine_args) -> dict[str, Any]:
     import jax
     import numpy as np
+
     from jpaged.entrypoints.llm import LLM
+    from jpaged.models.loader import resolve_model_path
     from jpaged.runner.sampling_tensors import dummy_sampling_tensors, sampler_mode
     from jpaged.sampling_params import SamplingParams
-
-    from jpaged.models.loader import resolve_model_path
     llm = LLM(str(resolve_model_path(model)), **engine_args)
     runner, cfg = llm.runner, llm.model_config
     leaves = jax.tree_util.tree_leaves(llm.params)
@@ -101,7 +102,7 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
         batch = _decode_batch(llm, B, context)
         inputs = runner.input_builder.build(batch)
         sampling = dummy_sampling_tensors(len(inputs.logits_index), cfg.vocab_size, mode)
-        step_s = _timed(lambda: runner._run(inputs, sampling, mode), iters)
+        step_s = _timed(lambda inputs=inputs, sampling=sampling: runner._run(inputs, sampling, mode), iters)
         padded = inputs.token_ids.shape[0]
         dot_rate = measure_dot_rate(padded, cfg.hidden_size, cfg.intermediate_size, param_dtype)
         flops = 2 * matmul_params * padded + 4 * B * context * cfg.num_heads * cfg.head_dim * cfg.num_layers
@@ -121,8 +122,8 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
 
 
 def format_step(result: dict[str, Any]) -> str:
-    lines = [f"decode step, {result['dtype']} weights, {result['kv_cache_dtype']} KV, "
-             f"{result['context']}-token contexts; bandwidth {result['bandwidth_gbs']:.1f} GB/s",
+    lines = [(f"decode step, {result['dtype']} weights, {result['kv_cache_dtype']} KV, "
+              f"{result['context']}-token contexts; bandwidth {result['bandwidth_gbs']:.1f} GB/s"),
              "| batch | step ms | tok/s | bytes floor ms | dot GFLOP/s | FLOP floor ms | step / floor |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

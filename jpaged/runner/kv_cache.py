@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.attention.backend import AttentionBackend
-from jpaged.config import GiB, EngineConfig
+from jpaged.config import EngineConfig, GiB
 from jpaged.exceptions import KVCacheTooSmallError
 from jpaged.models import ModelConfig
 from jpaged.utils import cdiv, kv_bytes_per_block

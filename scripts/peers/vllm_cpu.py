@@ -32,7 +32,8 @@ def process_start() -> float:
     """This process's start, in time.time() seconds (Linux: /proc; else module import)."""
     try:
         ticks = int(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, StopIteration, ValueError, IndexError):
         return _STARTED
@@ -128,8 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--in-venv", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.in_venv:
-        passthrough = [a for a in argv if not a.startswith(("--venv", "--model", "--workload"))]
-        # drop the values of the options handled here
+        # Everything but the options handled here (and their values) goes to the venv's run.
         skip = {"--venv", "--model", "--workload"}
         passthrough, it = [], iter(argv)
         for a in it:

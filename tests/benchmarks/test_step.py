@@ -18,7 +18,8 @@ def test_bench_step_json(tiny_text_model, capsys, dtype):
                  "--max-num-seqs", "4", "--max-model-len", "128", "--kv-cache-memory", "8000000",
                  "--compilation-cache-dir", ""]) == 0
     result = json.loads(capsys.readouterr().out)
-    cfg = json.load(open(f"{tiny_text_model}/config.json"))
+    with open(f"{tiny_text_model}/config.json") as f:
+        cfg = json.load(f)
     itemsize = np.dtype(np.float32).itemsize if dtype == "float32" else 2
     assert result["dtype"] == dtype and result["kv_cache_dtype"] == dtype
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
