@@ -40,8 +40,9 @@ class EngineConfig:
                                       "on GPU (bfloat16 weights compute with float32 accumulation)",
                               choices=DTYPES)
     kv_cache_dtype: str = config_field(
-        "auto", "KV pool dtype; auto = the model's dtype (float32 on CPU with the xla backend, "
-                "whose scatter copies a bfloat16 pool through float32)", choices=DTYPES)
+        "auto", "KV pool dtype; auto = the model's dtype (float32 on CPU where XLA's own ops "
+                "would touch the pool: the xla backend, shapes the C++ kernel does not take)",
+        choices=DTYPES)
     attention_backend: str = config_field(
         "auto", "paged attention implementation; auto = cpu (the C++ kernel; xla without a "
                 "compiler) on CPU, pallas on GPU", choices=ATTENTION_BACKENDS)
