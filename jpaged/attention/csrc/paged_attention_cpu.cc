@@ -74,7 +74,7 @@ struct Item {
 struct Scratch {
   std::vector<float> q, acc, m, l;
   std::vector<int64_t> visible;
-  void reserve(int64_t rows, int64_t D, int64_t bs) {
+  void reserve(int64_t rows, int64_t D) {
     if (static_cast<int64_t>(m.size()) < rows) {
       q.resize(rows * D); acc.resize(rows * D); m.resize(rows); l.resize(rows); visible.resize(rows);
     }
@@ -222,7 +222,7 @@ void attend_item(const Problem& p, const Item& it, Scratch& sc) {
   // scratch (hr = h - head0) so one page of the sequence is read for all of them at once:
   // a block's KV heads are contiguous in the pool, one sequential read instead of several.
   const int64_t G = p.heads / p.kv_heads, rows = it.count * G, nh = it.head1 - it.head0;
-  sc.reserve(nh * rows, D, bs);
+  sc.reserve(nh * rows, D);
   float* q = sc.q.data();
   float* acc = sc.acc.data();
   float* m = sc.m.data();
