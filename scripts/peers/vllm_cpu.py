@@ -24,7 +24,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-PEERS = pathlib.Path(os.environ.get("JPAGED_PEERS_DIR", "/work/peers"))
+PEERS = pathlib.Path(os.environ.get("JPAGED_PEERS_DIR") or pathlib.Path.home() / ".cache" / "jpaged" / "peers")
 _STARTED = time.time()
 
 
