@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from jpaged.arg_utils import add_engine_flags, collect
+from jpaged.utils import cdiv, kv_bytes_per_block
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1]
 
@@ -63,7 +64,7 @@ def _decode_batch(llm, batch_size: int, context: int):
     from jpaged.core.scheduler_output import SchedulerOutput
     from jpaged.core.sequence import Sequence
     bs = llm.config.block_size
-    pages = -(-context // bs)
+    pages = cdiv(context, bs)
     free = np.random.default_rng(0).permutation(llm.block_manager.num_blocks)
     if batch_size * pages > len(free):
         raise ValueError(f"{batch_size} sequences of {context} tokens need {batch_size * pages} "
@@ -80,7 +81,6 @@ def _decode_batch(llm, batch_size: int, context: int):
 def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, iters: int = 20,
                    **engine_args) -> dict[str, Any]:
     import jax
-    import numpy as np
 
     from jpaged.entrypoints.llm import LLM
     from jpaged.models.loader import resolve_model_path
@@ -93,8 +93,8 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
     weight_bytes = sum(x.nbytes for x in leaves)
     # Weights a token multiplies with: every 2-D matrix, the tied embedding once (as the head).
     matmul_params = sum(x.size for x in leaves if x.ndim >= 2)
-    kv_itemsize = np.dtype(jax.tree_util.tree_leaves(runner.kv_pool)[0].dtype).itemsize
-    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
+    kv_dtype = jax.tree_util.tree_leaves(runner.kv_pool)[0].dtype
+    kv_bytes_per_token = kv_bytes_per_block(cfg, 1, kv_dtype)
     bandwidth = measure_bandwidth()
     mode = sampler_mode([SamplingParams(temperature=0.0)], False, llm.config.max_logprobs)
     rows = []
@@ -116,7 +116,7 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
                      "floor_ms": max(bytes_floor, flop_floor) * 1e3,
                      "step_over_floor": step_s / max(bytes_floor, flop_floor)})
     return {"model": str(llm.model_path), "dtype": str(param_dtype),
-            "kv_cache_dtype": str(jax.tree_util.tree_leaves(runner.kv_pool)[0].dtype),
+            "kv_cache_dtype": str(kv_dtype),
             "context": context, "bandwidth_gbs": bandwidth / 1e9,
             "attention_backend": runner.backend.name, "rows": rows}
 

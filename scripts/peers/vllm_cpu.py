@@ -29,7 +29,8 @@ _STARTED = time.time()
 
 
 def process_start() -> float:
-    """This process's start, in time.time() seconds (Linux: /proc; else module import)."""
+    """This process's start, in time.time() seconds (Linux: /proc; else module import), as
+    jpaged.benchmarks.workloads.process_start (this process cannot import jpaged)."""
     try:
         ticks = int(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         with open("/proc/stat") as f:
