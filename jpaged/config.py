@@ -57,6 +57,10 @@ class EngineConfig:
     compilation_cache_dir: str | None = config_field(
         None, "XLA's persistent compilation cache; '' disables it [default: "
               "~/.cache/jpaged/xla, or under $JPAGED_CACHE_DIR]")
+    pack_weights: bool | None = config_field(
+        None, "pack dense weights into panels once at load for the CPU matmul kernel (a "
+              "decode step reads them at memory speed; XLA's dots repack them every call) "
+              "[default: on the CPU where the kernel builds, float32 and bfloat16 weights]")
     scan_layers: bool | None = config_field(
         None, "run the layers under nn.scan over stacked weights: compile time does not grow "
               "with depth, steps are slower (XLA copies each layer's weights out of the stack) "
@@ -81,5 +85,7 @@ class EngineConfig:
             if choices and getattr(self, field.name) not in choices:
                 raise ValueError(f"{field.name} must be one of {choices}, "
                                  f"got {getattr(self, field.name)!r}")
-        if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
-            raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
+        for name in ("scan_layers", "pack_weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")

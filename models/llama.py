@@ -18,6 +18,7 @@ as `gate_up_proj`: fewer, larger dots).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,6 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jpaged.ops.matmul import (
+    PANEL,
+    embedding_lookup,
+    pack,
+    pack_rows,
+    packable,
+    packed_matmul,
+)
 
 from .config import ModelConfig
 
@@ -73,14 +83,49 @@ class Linear(nn.Module):
     features: int
     use_bias: bool = False
     param_dtype: Any = jnp.float32
+    packed: bool = False  # kernel in panels, [features / PANEL, in, PANEL], where features allow
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", _init, (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+        if self.packed and packable(self.features):
+            kernel = self.param("kernel", _init, (self.features // PANEL, x.shape[-1], PANEL),
+                                self.param_dtype)
+            y = packed_matmul(x, kernel)
+        else:
+            kernel = self.param("kernel", _init, (x.shape[-1], self.features), self.param_dtype)
+            y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return y
+
+
+class Embedding(nn.Module):
+    """Token embeddings [V, hidden]; `packed`: stored as `pack_rows` packs them (where V
+    allows), so that as the tied head (`attend`) they run through the packed matmul."""
+    num_embeddings: int
+    features: int
+    param_dtype: Any = jnp.float32
+    packed: bool = False
+
+    def setup(self):
+        V, D = self.num_embeddings, self.features
+        shape = (V // PANEL, D, PANEL) if self._is_packed() else (V, D)
+        self.embedding = self.param("embedding", _init, shape, self.param_dtype)
+
+    def _is_packed(self) -> bool:
+        return self.packed and packable(self.num_embeddings)
+
+    def __call__(self, ids):
+        return embedding_lookup(self.embedding, ids) if self._is_packed() else self.embedding[ids]
+
+    def attend(self, h):
+        """h [B, hidden] -> f32 [B, V]: h times the embeddings' transpose (the tied head)."""
+        if self._is_packed():
+            return packed_matmul(h, self.embedding)
+        # Contract with the embedding as it lies: an explicit `.T` makes XLA's CPU backend
+        # transpose the whole [vocab, hidden] matrix every step (4.8x slower in bf16).
+        return jax.lax.dot_general(h.astype(self.embedding.dtype), self.embedding,
+                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 class DecoderLayer(nn.Module):
@@ -88,6 +133,7 @@ class DecoderLayer(nn.Module):
     backend: Any
     param_dtype: Any = jnp.float32
     scanned: bool = False  # under nn.scan: return (carry, None)
+    packed: bool = False  # dense kernels packed (`pack_params`)
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, meta):
@@ -97,17 +143,18 @@ class DecoderLayer(nn.Module):
         H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         N = h.shape[0]
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
-        qkv = Linear((H + 2 * KV) * D, c.attention_bias, self.param_dtype, name="qkv_proj")(x)
+        dense = functools.partial(Linear, param_dtype=self.param_dtype, packed=self.packed)
+        qkv = dense((H + 2 * KV) * D, c.attention_bias, name="qkv_proj")(x)
         q = apply_rope(qkv[:, :H * D].reshape(N, H, D), cos, sin)
         k = apply_rope(qkv[:, H * D:(H + KV) * D].reshape(N, KV, D), cos, sin)
         v = qkv[:, (H + KV) * D:].reshape(N, KV, D)
         k_pool, v_pool = self.backend.write(k_pool, v_pool, layer, k, v, meta.slot_mapping)
         attn = self.backend.attend(q, k_pool, v_pool, layer, meta, scale=D ** -0.5)
-        h = h + Linear(c.hidden_size, False, self.param_dtype, name="o_proj")(attn.reshape(N, H * D))
+        h = h + dense(c.hidden_size, name="o_proj")(attn.reshape(N, H * D))
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h)
-        gate_up = Linear(2 * c.intermediate_size, False, self.param_dtype, name="gate_up_proj")(x)
+        gate_up = dense(2 * c.intermediate_size, name="gate_up_proj")(x)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        h = h + Linear(c.hidden_size, False, self.param_dtype, name="down_proj")(nn.silu(gate) * up)
+        h = h + dense(c.hidden_size, name="down_proj")(nn.silu(gate) * up)
         return ((h, k_pool, v_pool), None) if self.scanned else (h, k_pool, v_pool)
 
 
@@ -118,36 +165,58 @@ class LlamaForCausalLM(nn.Module):
     backend: Any
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
+    packed_weights: bool = False  # params as `pack_params` made them (the CPU runner's choice)
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_pool, meta, logits_index):
         c = self.config
-        embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_init,
-                         param_dtype=self.param_dtype, name="embed_tokens")
+        embed = Embedding(c.vocab_size, c.hidden_size, self.param_dtype,
+                          self.packed_weights and c.tie_word_embeddings, name="embed_tokens")
         h = embed(token_ids).astype(jnp.float32)
         freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(c))[None, :]
         freqs = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        # Once per step: without the barrier XLA fuses cos and sin into every layer's RoPE and
+        # computes them per head and layer (on the CPU 4% of a 64-row decode step).
+        cos, sin = jax.lax.optimization_barrier((jnp.cos(freqs), jnp.sin(freqs)))
         carry = (h, *kv_pool)
         if self.scan_layers:
             layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
-            carry, _ = layers(c, self.backend, self.param_dtype, scanned=True, name="layers")(
+            carry, _ = layers(c, self.backend, self.param_dtype, scanned=True,
+                              packed=self.packed_weights, name="layers")(
                 carry, jnp.arange(c.num_layers, dtype=jnp.int32), cos, sin, meta)
         else:
             for i in range(c.num_layers):
-                carry = DecoderLayer(c, self.backend, self.param_dtype, name=f"layers_{i}")(
+                carry = DecoderLayer(c, self.backend, self.param_dtype, packed=self.packed_weights,
+                                     name=f"layers_{i}")(
                     carry, i, cos, sin, meta)
         h, k_pool, v_pool = carry
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h[logits_index])
         if c.tie_word_embeddings:
-            # Contract with the embedding as it lies: an explicit `.T` makes XLA's CPU
-            # backend transpose the whole [vocab, hidden] matrix every step (4.8x slower in bf16).
-            logits = jax.lax.dot_general(h.astype(embed.embedding.dtype), embed.embedding,
-                                         (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            logits = embed.attend(h)
         else:
-            logits = Linear(c.vocab_size, False, self.param_dtype, name="lm_head")(h)
+            logits = Linear(c.vocab_size, False, self.param_dtype, self.packed_weights, name="lm_head")(h)
         return logits, (k_pool, v_pool)
+
+
+def pack_params(params: dict, config: ModelConfig) -> dict:
+    """Params for `packed_weights=True`: every dense kernel [..., K, N] whose N is `packable`
+    packed into panels (`jpaged.ops.matmul.pack`), and a tied embedding [V, K] by
+    `pack_rows`; stacked layers keep their leading axis. Returns a new tree."""
+    def visit(tree, path):
+        out = {}
+        for name, x in tree.items():
+            if isinstance(x, dict):
+                out[name] = visit(x, path + (name,))
+            elif name == "kernel" and x.ndim >= 2 and packable(x.shape[-1]):
+                out[name] = pack(x)
+            elif path == ("embed_tokens",) and name == "embedding" and config.tie_word_embeddings \
+                    and packable(x.shape[0]):
+                out[name] = pack_rows(x)
+            else:
+                out[name] = x
+        return out
+    return visit(params, ())
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:
@@ -171,5 +240,5 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
     params = dict(params)
     stacked = params.pop("layers")
     for i in range(num_layers):
-        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
     return params

@@ -18,7 +18,7 @@ ROOTS = {"jpaged": ROOT / "jpaged", "jpaged.models": ROOT / "models",
 # attention -> kernels). The command line drives everything, the benchmarks included, which
 # drive the entrypoints; `aot` compiles the runner's step.
 LAYERS = ["jpaged.cli", "jpaged.benchmarks", "jpaged.entrypoints", "jpaged.engine", "jpaged.aot", "jpaged.runner",
-          "jpaged.models", "jpaged.attention", "jpaged.pallas_kernels"]
+          "jpaged.models", "jpaged.attention", "jpaged.ops", "jpaged.pallas_kernels"]
 # The host side: anyone may import it; it imports only itself (never a layer above).
 HOST = ["jpaged.core", "jpaged.config", "jpaged.sampling_params", "jpaged.outputs",
         "jpaged.exceptions", "jpaged.utils", "jpaged.version", "jpaged.arg_utils"]

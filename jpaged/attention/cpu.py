@@ -1,9 +1,8 @@
 """The `cpu` attention backend: `csrc/paged_attention_cpu.cc` as two XLA FFI custom calls,
 the paged attention and the in-place write of each step's K/V into the pool.
 
-The kernel is compiled on first use with the system's C++ compiler for this machine's
-CPU (`-march=native`), cached in `utils.cache_root()` by a hash of the source,
-the compiler flags, the jaxlib version and the CPU, and registered with `jax.ffi` (JAX's
+The kernel is compiled on first use for this machine's CPU (`jpaged.ops.build`: cached by
+a hash of the source, flags, jaxlib and CPU) and registered with `jax.ffi` (JAX's
 documented way to add a CPU kernel to XLA; Pallas has no CPU backend). Without a
 compiler, `auto` keeps the pure-jnp `xla` backend and logs why.
 
@@ -15,16 +14,9 @@ pool (`runner/kv_cache.py`). `attend` runs the kernel for the shapes it handles
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -32,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.exceptions import KernelBuildError
-from jpaged.utils import cache_root
+from jpaged.ops import build as build_lib
 
 from .metadata import AttentionMetadata
 from .xla import XlaBackend
@@ -42,7 +34,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cc"
 TARGET = "jpaged_paged_attention"
 WRITE_TARGET = "jpaged_write_kv"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # the kernel's instantiations
 
 
@@ -51,57 +42,15 @@ def supported(block_size: int, head_dim: int) -> bool:
     return block_size == 16 and head_dim in HEAD_DIMS
 
 
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and its flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def library_path() -> Path:
-    import jaxlib
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), jaxlib.__version__,
-                                    _cpu_id()]).encode()).hexdigest()[:16]
-    return cache_root() / f"paged_attention_cpu-{key}.so"
-
-
 def build(path: Path) -> None:
-    """Compile the kernel to `path` (atomically: concurrent builders don't see half a file)."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-    if not compiler:
-        raise KernelBuildError("no C++ compiler found (set CXX, or install g++)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    except OSError as e:
-        raise KernelBuildError(f"cannot write the kernel to {path.parent} ({e}); set JPAGED_CACHE_DIR") from e
-    os.close(fd)
-    cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise KernelBuildError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Compile the kernel to `path` (see `jpaged.ops.build`)."""
+    build_lib.build(SOURCE, path)
 
 
 @functools.cache
 def load() -> None:
     """Build (once per machine) and register the kernel; raises KernelBuildError."""
-    path = library_path()
-    if not path.exists():
-        from tqdm.auto import tqdm
-        log.info("compiling the CPU paged-attention kernel to %s", path)
-        with tqdm(total=1, desc="Compiling the CPU attention kernel (once; cached after)",
-                  unit="file", leave=False) as bar:
-            build(path)
-            bar.update()
-    lib = ctypes.cdll.LoadLibrary(str(path))
+    lib = build_lib.load_library(SOURCE, "attention kernel")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedPagedAttention), platform="cpu")
     jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JpagedWriteKV), platform="cpu")
 

@@ -54,7 +54,8 @@ class EngineCore:
         enable_compilation_cache(config.compilation_cache_dir)
         start = time.perf_counter()
         loaded = load_model(model, params=params, tokenizer=tokenizer, dtype=config.dtype,
-                            scan_layers=config.scan_layers, attention_backend=config.attention_backend)
+                            scan_layers=config.scan_layers, attention_backend=config.attention_backend,
+                            pack_weights=config.pack_weights)
         self.model_path = loaded.path  # the file or folder loaded (None: an in-memory model)
         self.model_config = loaded.config
         self.params = loaded.params

@@ -4,11 +4,13 @@ tokenizer and generation defaults, from a path or from an in-memory model.
 A path (or None, the embedded default) is read by `jpaged.models.loader`; an in-memory
 Flax model comes with its own params and tokenizer (a research pipeline's model). Either
 way the module gets the chosen attention backend, and the params the layer layout the
-module runs (unrolled `layers_i`, or one stacked `layers` tree under `scan_layers`).
+module runs (unrolled `layers_i`, or one stacked `layers` tree under `scan_layers`), packed
+for the CPU matmul kernel where it runs (`pack_weights`; `jpaged.ops.matmul`).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -16,8 +18,13 @@ import jax.numpy as jnp
 
 from jpaged.attention.backend import AttentionBackend
 from jpaged.attention.selector import get_backend
+from jpaged.exceptions import KernelBuildError
 from jpaged.models import ModelConfig, model_class
-from jpaged.models.llama import stack_layers, unstack_layers
+from jpaged.models.llama import pack_params, stack_layers, unstack_layers
+from jpaged.ops import matmul
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -38,8 +45,28 @@ def resolve_dtype(dtype: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def _packs(module, params, pack_weights: bool | None) -> bool:
+    """Whether to pack the weights (`EngineConfig.pack_weights`; None: where it works)."""
+    if pack_weights is False or not hasattr(module, "packed_weights") or module.packed_weights:
+        return False
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    if jax.default_backend() != "cpu" or dtype not in (jnp.float32, jnp.bfloat16):
+        if pack_weights:
+            raise ValueError(f"pack_weights=True needs float32 or bfloat16 weights on the CPU, "
+                             f"got {dtype} on {jax.default_backend()}")
+        return False
+    if (reason := matmul.available()) is not None:
+        if pack_weights:
+            raise KernelBuildError(f"pack_weights=True needs the C++ matmul kernel, which failed "
+                                   f"to build: {reason}")
+        log.warning("the C++ CPU matmul kernel is unavailable, weights stay unpacked: %s", reason)
+        return False
+    return True
+
+
 def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
-               scan_layers: bool | None = None, attention_backend: str = "auto") -> LoadedModel:
+               scan_layers: bool | None = None, attention_backend: str = "auto",
+               pack_weights: bool | None = None) -> LoadedModel:
     """`model`: None (the embedded SmolLM2-135M-Instruct), a path to a HF folder or a .gguf
     file, or an in-memory Flax model (then `params` and `tokenizer` are required); the other
     arguments are the `EngineConfig` fields of the same names."""
@@ -74,5 +101,8 @@ def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
         if scan_layers is not None:
             module = module.clone(scan_layers=scan_layers)
         params = (stack_layers if module.scan_layers else unstack_layers)(params, model_config.num_layers)
+    if _packs(module, params, pack_weights):
+        params = pack_params(params, model_config)
+        module = module.clone(packed_weights=True)
     return LoadedModel(module, backend, jax.device_put(params), model_config, tokenizer, path,
                        generation_config)

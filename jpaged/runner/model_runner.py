@@ -76,11 +76,13 @@ class ModelRunner:
         self.backend = backend
         self.max_logprobs = max_logprobs
         self.eos_token_ids = tuple(eos_token_ids)
-        # A single stream decodes in a 1-row step with float32 weights on the CPU, where XLA's
-        # dots take a matrix-vector path: a SmolLM2-135M step took 38 ms instead of 105-120 ms
-        # padded to 8 rows. Not with bfloat16 weights: 242 ms for 1 row against 63-71 ms.
-        single_row = jax.default_backend() == "cpu" and \
-            jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+        # A single stream decodes in a 1-row step on the CPU with packed weights (the matmul
+        # kernel reads them once whatever the rows) or float32 ones (XLA's dots take a
+        # matrix-vector path): a SmolLM2-135M float32 step took 38 ms instead of 105-120 ms
+        # padded to 8 rows. Not with unpacked bfloat16: 242 ms for 1 row against 63-71 ms.
+        single_row = jax.default_backend() == "cpu" and (
+            getattr(module, "packed_weights", False)
+            or jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32)
         self.input_builder = InputBuilder(kv.block_size, max_num_seqs, max_num_batched_tokens,
                                           kv.max_model_len, single_row_decode=single_row)
         shape = backend.pool_shape(model_config.num_layers, kv.num_blocks, kv.block_size,

@@ -62,15 +62,60 @@ def test_decode_buckets_are_multiples_of_eight_or_one_row(single_row):
     assert decode == one[:single_row] + list(range(8, 65, 8))  # every decode shape warm-up must compile
 
 
-@pytest.mark.parametrize("dtype,single_row", [("float32", True), ("bfloat16", False)])
-def test_single_stream_row_follows_the_weights_dtype(tmp_path, dtype, single_row):
-    """One running sequence decodes in a 1-row step with float32 weights (XLA's CPU
-    matrix-vector dots), padded to 8 rows with bfloat16 ones (slower as one row)."""
-    llm = _tiny_llm(tmp_path, dtype=dtype)
+@pytest.mark.parametrize("dtype,pack,single_row", [("float32", False, True), ("bfloat16", False, False),
+                                                  ("float32", True, True), ("bfloat16", True, True)])
+def test_single_stream_row_follows_the_weights(tmp_path, dtype, pack, single_row):
+    """One running sequence decodes in a 1-row step with packed weights (the matmul kernel) or
+    float32 ones (XLA's CPU matrix-vector dots), padded to 8 rows with unpacked bfloat16
+    ones (slower as one row)."""
+    llm = _tiny_llm(tmp_path, dtype=dtype, pack_weights=pack)
     assert llm.runner.input_builder.single_row_decode is single_row
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def _kernel_ndims(params) -> set[int]:
+    return {leaf.ndim for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if path[-1].key == "kernel"}
+
+
+@pytest.mark.parametrize("kind,dtype,scan_layers", [("llama", "float32", False), ("qwen2", "float32", False),
+                                                    ("qwen2", "bfloat16", True), ("llama", "bfloat16", False)])
+def test_packed_weights_generate_what_unpacked_ones_do(tmp_path, kind, dtype, scan_layers):
+    """The CPU runner packs every dense kernel (and a tied embedding) for the matmul kernel;
+    greedy tokens and their logprobs are those of the unpacked model (untied and tied
+    heads, q/k/v bias (qwen2), stacked layers, both weight dtypes)."""
+    build_tiny_hf(kind, tmp_path, vocab_size=512)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 500, int(n)).tolist() for n in (1, 7, 40, 90)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    runs = {}
+    for pack in (False, True):
+        llm = LLM(str(tmp_path), tokenizer=NoTokenizer(), max_num_seqs=4, max_model_len=128,
+                  max_num_batched_tokens=64, kv_cache_memory=16 << 20, compilation_cache_dir="",
+                  dtype=dtype, scan_layers=scan_layers, pack_weights=pack)
+        assert llm.runner.module.packed_weights is pack
+        stacked = 1 if scan_layers else 0
+        assert _kernel_ndims(llm.params) == {3 + stacked if pack else 2 + stacked}
+        tied = "lm_head" not in llm.params
+        assert llm.params["embed_tokens"]["embedding"].shape == ((32, 64, 16) if pack and tied else (512, 64))
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[pack] = ([o.outputs[0].token_ids for o in outs],
+                      [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                       for o in outs])
+    assert runs[True][0] == runs[False][0]
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.concatenate(runs[True][1]), np.concatenate(runs[False][1]), rtol=tol, atol=tol)
+
+
+def test_pack_weights_needs_float32_or_bfloat16(tmp_path):
+    """Explicitly asked for, packing that cannot happen is an error naming why; by default
+    float16 weights stay unpacked (and float32 ones are packed)."""
+    with pytest.raises(ValueError, match="pack_weights=True needs float32 or bfloat16"):
+        _tiny_llm(tmp_path, dtype="float16", pack_weights=True)
+    assert _kernel_ndims(_tiny_llm(tmp_path, dtype="float16").params) == {2}
+    assert _kernel_ndims(_tiny_llm(tmp_path).params) == {3}
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

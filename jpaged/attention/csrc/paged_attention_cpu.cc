@@ -370,7 +370,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   const int64_t B = td[0];
   // A sequence's KV heads lie side by side in each block: one item reads them together,
   // unless there are too few sequences to keep every thread busy.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads() + 1);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t tiles = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int32_t q_len = p.query_start_loc[b + 1] - p.query_start_loc[b];
@@ -397,7 +397,8 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   }
   const int64_t total = static_cast<int64_t>(work->items.size());
   if (total == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
+  // The caller is a worker too: num_threads() workers in all, one per core XLA uses.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, total - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
   work->run();
   std::unique_lock<std::mutex> lock(work->mu);
