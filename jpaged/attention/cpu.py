@@ -15,7 +15,6 @@ pool (`runner/kv_cache.py`). `attend` runs the kernel for the shapes it handles
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.exceptions import KernelBuildError
 from jpaged.ops import build as build_lib
 
 from .metadata import AttentionMetadata
@@ -47,22 +45,9 @@ def build(path: Path) -> None:
     build_lib.build(SOURCE, path)
 
 
-@functools.cache
-def load() -> None:
-    """Build (once per machine) and register the kernel; raises KernelBuildError."""
-    lib = build_lib.load_library(SOURCE, "attention kernel")
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedPagedAttention), platform="cpu")
-    jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.JpagedWriteKV), platform="cpu")
-
-
-@functools.cache
-def available() -> str | None:
-    """None if the kernel builds and loads here, else the reason it does not."""
-    try:
-        load()
-    except (KernelBuildError, OSError) as e:
-        return str(e)
-    return None
+# load(): build (once per machine) and register both kernels; available(): None or why not.
+load, available = build_lib.ffi_library(SOURCE, "attention kernel",
+                                        {TARGET: "JpagedPagedAttention", WRITE_TARGET: "JpagedWriteKV"})
 
 
 def paged_attention(q, k_pool, v_pool, layer, block_tables, context_lens, query_start_loc,

@@ -46,13 +46,20 @@ def measure_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / _timed(lambda: total(x).block_until_ready(), 10, best=True)
 
 
-def measure_dot_rate(rows: int, k: int, n: int, dtype) -> float:
-    """FLOP/s of one [rows, k] x [k, n] dot in `dtype`, float32 out."""
+def measure_dot_rate(rows: int, k: int, n: int, dtype, packed: bool = False) -> float:
+    """FLOP/s of one [rows, k] x [k, n] dot in `dtype`, float32 out (`packed`: by the
+    packed-weight kernel, jpaged.ops.matmul)."""
     import jax
     import jax.numpy as jnp
+
+    from jpaged.ops import matmul
     a = jnp.ones((rows, k), dtype)
     b = jnp.ones((k, n), dtype)
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    if packed:
+        b = matmul.pack(b)
+        dot = jax.jit(matmul.packed_matmul)
+    else:
+        dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     return 2 * rows * k * n / _timed(lambda: dot(a, b).block_until_ready(), 50, best=True)
 
 
@@ -94,6 +101,7 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
     # Weights a token multiplies with: every 2-D matrix, the tied embedding once (as the head).
     matmul_params = sum(x.size for x in leaves if x.ndim >= 2)
     kv_dtype = jax.tree_util.tree_leaves(runner.kv_pool)[0].dtype
+    packed = getattr(runner.module, "packed_weights", False)
     kv_bytes_per_token = kv_bytes_per_block(cfg, 1, kv_dtype)
     bandwidth = measure_bandwidth()
     mode = sampler_mode([SamplingParams(temperature=0.0)], False, llm.config.max_logprobs)
@@ -104,7 +112,8 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
         sampling = dummy_sampling_tensors(len(inputs.logits_index), cfg.vocab_size, mode)
         step_s = _timed(lambda inputs=inputs, sampling=sampling: runner._run(inputs, sampling, mode), iters)
         padded = inputs.token_ids.shape[0]
-        dot_rate = measure_dot_rate(padded, cfg.hidden_size, cfg.intermediate_size, param_dtype)
+        dot_rate = measure_dot_rate(padded, cfg.hidden_size, cfg.intermediate_size, param_dtype,
+                                    packed=packed)
         flops = 2 * matmul_params * padded + 4 * B * context * cfg.num_heads * cfg.head_dim * cfg.num_layers
         kv_bytes = B * context * kv_bytes_per_token
         bytes_floor = (weight_bytes + kv_bytes) / bandwidth
@@ -116,7 +125,7 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
                      "floor_ms": max(bytes_floor, flop_floor) * 1e3,
                      "step_over_floor": step_s / max(bytes_floor, flop_floor)})
     return {"model": str(llm.model_path), "dtype": str(param_dtype),
-            "kv_cache_dtype": str(kv_dtype),
+            "kv_cache_dtype": str(kv_dtype), "packed_weights": packed,
             "context": context, "bandwidth_gbs": bandwidth / 1e9,
             "attention_backend": runner.backend.name, "rows": rows}
 

@@ -16,14 +16,11 @@ float32 either way, with x rounded to the weights' dtype first, as `jnp.dot` of
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jpaged.exceptions import KernelBuildError
 
 from . import build
 
@@ -63,21 +60,8 @@ def embedding_lookup(wp, ids):
     return wp[ids // PANEL, :, ids % PANEL]
 
 
-@functools.cache
-def load() -> None:
-    """Build (once per machine) and register the kernel; raises KernelBuildError."""
-    lib = build.load_library(SOURCE, "matmul kernel")
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpagedPackedMatmul), platform="cpu")
-
-
-@functools.cache
-def available() -> str | None:
-    """None if the kernel builds and loads here, else the reason it does not."""
-    try:
-        load()
-    except (KernelBuildError, OSError) as e:
-        return str(e)
-    return None
+# load(): build (once per machine) and register the kernel; available(): None or why not.
+load, available = build.ffi_library(SOURCE, "matmul kernel", {TARGET: "JpagedPackedMatmul"})
 
 
 def packed_matmul_reference(x, wp):

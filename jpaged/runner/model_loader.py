@@ -23,7 +23,6 @@ from jpaged.models import ModelConfig, model_class
 from jpaged.models.llama import pack_params, stack_layers, unstack_layers
 from jpaged.ops import matmul
 
-
 log = logging.getLogger(__name__)
 
 

@@ -26,6 +26,7 @@
 #include <condition_variable>
 #include <vector>
 
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -87,37 +88,7 @@ inline void prefetch(const char* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
-// The machine's vector: 16 floats with AVX-512, else 8 (AVX2; the library is built with
-// -march=native for the CPU it runs on). Register tiles are sized for it: 32 registers with
-// AVX-512, 16 with AVX2, where a tile made for 32 spills.
-#if defined(__AVX512F__)
-constexpr int VW = 16;
-#else
-constexpr int VW = 8;
-#endif
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 constexpr int KVEC = 16 / VW;  // vectors per page row of 16 keys
-
-// A vector of floats from float32 or bfloat16 (uint16_t) memory: bfloat16 widens exactly
-// (its bits are a float32's top half), so a bfloat16 pool is read at half the bytes.
-template <typename T>
-inline vf loadv(const T* p);
-template <>
-inline vf loadv<float>(const float* p) { vf x; std::memcpy(&x, p, sizeof(x)); return x; }
-template <>
-inline vf loadv<uint16_t>(const uint16_t* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof(h));
-  const vu w = __builtin_convertvector(h, vu) << 16;
-  vf x;
-  std::memcpy(&x, &w, sizeof(x));
-  return x;
-}
-inline void storev(float* p, vf x) { std::memcpy(p, &x, sizeof(x)); }
-
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 // exp for x <= 0 (scores minus their running max): 2^n * p(r), |r| <= ln2/2, n rounded
 // with the 1.5 * 2^23 trick (std::nearbyint would keep it scalar). Everything here is on the

@@ -10,8 +10,6 @@
 //
 // bfloat16 panels widen to float32 in registers (exactly: their bits are a float32's top
 // half), so they are read at half the bytes; the sums are float32 either way.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -20,6 +18,7 @@
 #include <memory>
 #include <mutex>
 
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -28,57 +27,10 @@ namespace {
 
 constexpr int64_t kPanel = 16;  // output columns per panel (jpaged/ops/matmul.py: PANEL)
 
-// The machine's vector (the library is built with -march=native for the CPU it runs on): 16
-// floats with AVX-512, 8 with AVX2. A tile holds 12 accumulators: 6 rows of two vectors
-// with AVX2 (16 registers), 12 rows of one with AVX-512.
-#if defined(__AVX512F__)
-constexpr int VW = 16;
-#else
-constexpr int VW = 8;
-#endif
+// A tile holds 12 accumulators: 6 rows of two vectors with AVX2 (16 registers), 12 rows of one
+// with AVX-512.
 constexpr int KVEC = kPanel / VW;   // vectors per panel row
 constexpr int kRows = 12 / KVEC;    // rows of x per register tile
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-
-template <typename T>
-inline vf loadv(const T* p);
-template <>
-inline vf loadv<float>(const float* p) { vf x; std::memcpy(&x, p, sizeof(x)); return x; }
-template <>
-inline vf loadv<uint16_t>(const uint16_t* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof(h));
-  const vu w = __builtin_convertvector(h, vu) << 16;
-  vf x;
-  std::memcpy(&x, &w, sizeof(x));
-  return x;
-}
-inline void storev(float* p, vf x) { std::memcpy(p, &x, sizeof(x)); }
-
-// x in every lane, in one instruction (`vf{} + x` is an add first: 0 + x is not x for -0).
-inline vf broadcast(const float* x) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_set1_ps(*x));
-#else
-  return reinterpret_cast<vf>(_mm256_broadcast_ss(x));
-#endif
-}
-
-// a * b + c in one instruction where the CPU has FMA (the build is ISO C++, which does not
-// contract a * b + c on its own).
-inline vf fmadd(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vf>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
-                                              reinterpret_cast<__m512>(c)));
-#elif defined(__FMA__)
-  return reinterpret_cast<vf>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
-                                              reinterpret_cast<__m256>(c)));
-#else
-  return a * b + c;
-#endif
-}
 
 // Rows 0..R-1 of x (row stride ldx) times one panel w [K, 16] -> y (row stride ldy), or
 // added to y (`add`: a later slice of K). Accumulator i is row i / KVEC, vector i % KVEC;
@@ -102,7 +54,7 @@ inline void tile(const float* x, int64_t ldx, const T* w, int64_t K, float* y, i
 #define JPAGED_STEP(i)                                                      \
     if constexpr (i < R * KVEC) {                                           \
       const vf a = broadcast(x + (i / KVEC) * ldx + k);                    \
-      c##i = fmadd(a, (i % KVEC) ? b1 : b0, c##i);                          \
+      c##i += a * ((i % KVEC) ? b1 : b0);  /* an FMA: -ffp-contract=fast */      \
     }
     JPAGED_STEP(0) JPAGED_STEP(1) JPAGED_STEP(2) JPAGED_STEP(3) JPAGED_STEP(4) JPAGED_STEP(5)
     JPAGED_STEP(6) JPAGED_STEP(7) JPAGED_STEP(8) JPAGED_STEP(9) JPAGED_STEP(10) JPAGED_STEP(11)
@@ -126,9 +78,10 @@ inline void rest(int64_t rows, const float* x, int64_t ldx, const T* w, int64_t 
 }
 
 // Blocking for many rows (prefill), so that what a tile rereads stays in cache: rows of x in
-// blocks of kBlockRows and K in slices of kSliceK (a block's slice of x, 144 x 256 floats,
-// fits L2; a panel's slice, 256 x 16, fits L1). A block of at most kBlockRows (decode) reads
-// each panel once, whole, straight from memory: the weights are the stream there.
+// blocks of kBlockRows (12 tiles: 72 rows with AVX2, 144 with AVX-512) and K in slices of
+// kSliceK (a block's slice of x fits L2; a panel's slice, 256 x 16, fits L1). One block of
+// rows whose x fits L2 (decode) reads each panel once, whole, straight from memory: the
+// weights are the stream there.
 constexpr int64_t kBlockRows = 12 * kRows;
 constexpr int64_t kSliceK = 256;
 
