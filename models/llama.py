@@ -14,7 +14,10 @@ the pool). Weights may be bfloat16; every dot accumulates and returns float32,
 the fast mixed-precision layout on the CPU, and activations stay float32.
 
 Param tree: see `models/loader.py` (q/k/v fused as `qkv_proj`, gate/up fused
-as `gate_up_proj`: fewer, larger dots).
+as `gate_up_proj`: fewer, larger dots). With `packed_weights=True` (the CPU
+runner's default) dense kernels and a tied embedding are stored in panels
+(`pack_params`) and multiply through `jpaged.ops.matmul` (docs/design.md,
+"Dense layers on the CPU: packed weights").
 """
 from __future__ import annotations
 
