@@ -98,7 +98,8 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
     leaves = jax.tree_util.tree_leaves(llm.params)
     param_dtype = leaves[0].dtype
     weight_bytes = sum(x.nbytes for x in leaves)
-    # Weights a token multiplies with: every 2-D matrix, the tied embedding once (as the head).
+    # Weights a token multiplies with: every matrix (packed ones are 3-D, stacked layers one
+    # more), the tied embedding once (as the head).
     matmul_params = sum(x.size for x in leaves if x.ndim >= 2)
     kv_dtype = jax.tree_util.tree_leaves(runner.kv_pool)[0].dtype
     packed = getattr(runner.module, "packed_weights", False)

@@ -2,9 +2,9 @@
 
 Each library is compiled on first use with the system's C++ compiler for this machine's CPU
 (`-march=native`, FMA contraction on) and cached in `utils.cache_root()` under a name hashed
-from the source, the shared headers of `csrc/` (`vec.h`, on every kernel's include path),
-the compiler flags, the jaxlib version (the FFI headers) and the CPU, so a change to any of
-them builds anew. Without a compiler, `KernelBuildError` says so. `ffi_library` gives a
+from the source, the headers the kernels share (`csrc/vec.h`, `csrc/parallel.h`, on every
+kernel's include path), the compiler flags, the jaxlib version (the FFI headers) and the
+CPU, so a change to any of them builds anew. Without a compiler, `KernelBuildError` says so. `ffi_library` gives a
 kernel module its `load` (build, then register the FFI targets with jax) and `available`.
 """
 from __future__ import annotations

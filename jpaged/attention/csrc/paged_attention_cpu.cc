@@ -9,23 +9,21 @@
 //
 // Shapes: block_size 16 (a page's keys are one row of 16 floats) and head_dim 16, 32, 64,
 // 96, 128 or 256; `supported()` in cpu_attention.py sends other shapes to the `xla` backend.
-// Work items are (sequence, tile of queries, KV heads); the calling thread and XLA's
-// intra-op threads take them from one atomic counter.
+// Work items are (sequence, tile of queries, KV heads), shared out over XLA's intra-op
+// threads by parallel_for (jpaged/ops/csrc/parallel.h).
 //
 // The write (JpagedWriteKV) stores new K/V straight into the donated pool, its outputs
 // aliased to its inputs: XLA's CPU scatter into a bfloat16 pool goes through a float32 copy
 // of the whole pool, so without it the pool had to stay float32 and attention read twice
 // the bytes.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <condition_variable>
 #include <vector>
 
+#include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -274,31 +272,6 @@ void attend_item_typed(const Problem& p, const Item& it, Scratch& sc) {
   }
 }
 
-// Shared by the caller and the pool tasks; a task that starts after the work is done finds
-// the counter exhausted and only drops its reference.
-struct Work {
-  Problem problem;
-  std::vector<Item> items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void run() {
-    const int64_t total = static_cast<int64_t>(items.size());
-    std::unique_ptr<Scratch> scratch;
-    for (int64_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) {
-      if (!scratch) scratch = std::make_unique<Scratch>();
-      if (problem.elem_size == 2) attend_item_typed<uint16_t>(problem, items[i], *scratch);
-      else attend_item_typed<float>(problem, items[i], *scratch);
-      if (done.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pool,
                           ffi::AnyBuffer v_pool, ffi::Buffer<ffi::S32> layer,
                           ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> context_lens,
@@ -336,8 +309,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
     return ffi::Error::InvalidArgument("paged attention: needs block_size 16 and head_dim 16/32/64/96/128/256");
   std::memset(p.out, 0, sizeof(float) * qd[0] * qd[1] * qd[2]);  // padding tokens: zeros
 
-  auto work = std::make_shared<Work>();
-  work->problem = p;
+  std::vector<Item> items;
   const int64_t B = td[0];
   // A sequence's KV heads lie side by side in each block: one item reads them together,
   // unless there are too few sequences to keep every thread busy.
@@ -363,17 +335,15 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
     // Longest-reaching tiles first, so the tail of the schedule is short.
     for (int32_t first = ((q_len - 1) / kTileQueries) * kTileQueries; first >= 0; first -= kTileQueries)
       for (int32_t h = 0; h < p.kv_heads; h += head_step)
-        work->items.push_back({b, first, std::min(kTileQueries, q_len - first), h,
+        items.push_back({b, first, std::min(kTileQueries, q_len - first), h,
                                static_cast<int32_t>(std::min<int64_t>(h + head_step, p.kv_heads))});
   }
-  const int64_t total = static_cast<int64_t>(work->items.size());
-  if (total == 0) return ffi::Error::Success();
-  // The caller is a worker too: num_threads() workers in all, one per core XLA uses.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, total - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == total; });
+  parallel_for(pool, static_cast<int64_t>(items.size()), [&] {
+    return [&, scratch = std::make_unique<Scratch>()](int64_t i) {
+      if (p.elem_size == 2) attend_item_typed<uint16_t>(p, items[i], *scratch);
+      else attend_item_typed<float>(p, items[i], *scratch);
+    };
+  });
   return ffi::Error::Success();
 }
 

@@ -11,13 +11,10 @@
 // bfloat16 panels widen to float32 in registers (exactly: their bits are a float32's top
 // half), so they are read at half the bytes; the sums are float32 either way.
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
+#include "parallel.h"
 #include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -106,33 +103,6 @@ void block(const float* x, int64_t m0, int64_t m1, int64_t K, const T* w, int64_
     for (int64_t p = p0; p < p1; ++p) rows(k0, std::min(kSliceK, K - k0), p);
 }
 
-// Work items (a block of rows, a range of panels) taken from one atomic counter by the
-// calling thread and XLA's intra-op threads; the caller waits until every item is done.
-struct Work {
-  const float* x;
-  const void* w;
-  float* y;
-  bool bf16;
-  int64_t M, K, N, chunk, chunks, total;  // `chunks` ranges of `chunk` panels per block of rows
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void run() {
-    const int64_t P = N / kPanel;
-    for (int64_t i; (i = next.fetch_add(1)) < total;) {
-      const int64_t m0 = (i / chunks) * kBlockRows, m1 = std::min(M, m0 + kBlockRows);
-      const int64_t p0 = (i % chunks) * chunk, p1 = std::min(P, p0 + chunk);
-      if (bf16) block(x, m0, m1, K, static_cast<const uint16_t*>(w), p0, p1, y, N);
-      else block(x, m0, m1, K, static_cast<const float*>(w), p0, p1, y, N);
-      if (done.fetch_add(1) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                         ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
@@ -143,34 +113,30 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   const auto dtype = w.element_type();
   if (dtype != ffi::F32 && dtype != ffi::BF16)
     return ffi::Error::InvalidArgument("packed matmul: weights must be float32 or bfloat16");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.untyped_data();
-  work->bf16 = dtype == ffi::BF16;
-  work->y = y->typed_data();
-  work->M = xd[0];
-  work->K = xd[1];
-  work->N = wd[0] * kPanel;
-  const int64_t P = wd[0];
-  if (work->M == 0 || P == 0) return ffi::Error::Success();
-  if (work->K == 0) {
-    std::memset(work->y, 0, sizeof(float) * work->M * work->N);
+  const float* xs = x.typed_data();
+  const void* ws = w.untyped_data();
+  float* ys = y->typed_data();
+  const bool bf16 = dtype == ffi::BF16;
+  const int64_t M = xd[0], K = xd[1], P = wd[0], N = P * kPanel;
+  if (M == 0 || P == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(ys, 0, sizeof(float) * M * N);
     return ffi::Error::Success();
   }
-  // A few items per thread: balance without a counter hit per panel.
+  // Items are (a block of rows, a range of panels): a few per thread, for balance without a
+  // counter hit per panel.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t blocks = (work->M + kBlockRows - 1) / kBlockRows;
-  work->chunk = std::max<int64_t>(1, P * blocks / (4 * threads));
-  work->chunk = std::min(work->chunk, P);
-  work->chunks = (P + work->chunk - 1) / work->chunk;
-  work->total = blocks * work->chunks;
-  // The caller is a worker too: num_threads() workers in all, one per core XLA uses (one more
-  // took a decode-sized call from 0.34 to 0.48 ms on 2 cores).
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->total - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == work->total; });
+  const int64_t blocks = (M + kBlockRows - 1) / kBlockRows;
+  const int64_t chunk = std::min(P, std::max<int64_t>(1, P * blocks / (4 * threads)));
+  const int64_t chunks = (P + chunk - 1) / chunk;
+  parallel_for(pool, blocks * chunks, [&] {
+    return [&](int64_t i) {
+      const int64_t m0 = (i / chunks) * kBlockRows, m1 = std::min(M, m0 + kBlockRows);
+      const int64_t p0 = (i % chunks) * chunk, p1 = std::min(P, p0 + chunk);
+      if (bf16) block(xs, m0, m1, K, static_cast<const uint16_t*>(ws), p0, p1, ys, N);
+      else block(xs, m0, m1, K, static_cast<const float*>(ws), p0, p1, ys, N);
+    };
+  });
   return ffi::Error::Success();
 }
 
