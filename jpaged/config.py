@@ -55,8 +55,9 @@ class EngineConfig:
                                             "units [default: 1GiB]", unit="bytes")
     max_logprobs: int = config_field(20, "most top logprobs a request may ask for per token")
     compilation_cache_dir: str | None = config_field(
-        None, "XLA's persistent compilation cache; '' disables it [default: "
-              "~/.cache/jpaged/xla, or under $JPAGED_CACHE_DIR]")
+        None, "where compiled executables are kept across restarts (jpaged's own, for a "
+              "model loaded from a path; XLA's persistent cache for an in-memory model); '' "
+              "disables it [default: ~/.cache/jpaged/xla, or under $JPAGED_CACHE_DIR]")
     pack_weights: bool | None = config_field(
         None, "pack dense weights into panels once at load for the CPU matmul kernel (a "
               "decode step reads them at memory speed; XLA's dots repack them every call) "

@@ -54,6 +54,10 @@ class EngineDeadError(JpagedError, RuntimeError):
     """The engine thread has stopped: no request can be served."""
 
 
+class EngineNotReadyError(JpagedError, RuntimeError):
+    """The engine is alive but still warming up (compiling its executables)."""
+
+
 class EngineStepError(JpagedError, RuntimeError):
     """A step raised: the requests it held were aborted (the engine goes on)."""
 

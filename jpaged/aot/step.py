@@ -1,8 +1,8 @@
 """The engine's step (`runner.model_runner.make_step`: embed -> the layers, with the
-attention backend reading/writing the pool -> logits -> sampling) traced from
-`jax.ShapeDtypeStruct`s alone: no weights, no pool, no device. Builds those specs for a
-`ModelConfig` and a bucket, and compiles the step for the local backend or, deviceless,
-for a GPU of `targets`:
+attention backend reading/writing the pool -> logits) and its sampler (`runner.sampler`)
+traced from `jax.ShapeDtypeStruct`s alone: no weights, no pool, no device. Builds those
+specs for a `ModelConfig` and a bucket, and compiles them for the local backend or,
+deviceless, for a GPU of `targets`:
 
     from jpaged.aot.step import LLAMA2_7B, Bucket, compile_step
     b = Bucket.decode(64, max_model_len=2048, block_size=16, num_blocks=6144)
@@ -25,6 +25,7 @@ from jpaged.models.config import ModelConfig
 from jpaged.models.registry import model_class
 from jpaged.runner.input_builder import StepInputs
 from jpaged.runner.model_runner import make_step
+from jpaged.runner.sampler import sample
 from jpaged.runner.sampling_tensors import SamplerMode, SamplingTensors
 from jpaged.utils import cdiv, kv_bytes_per_block
 
@@ -130,7 +131,7 @@ def sampling_specs(num_rows: int, vocab_size: int, mode: SamplerMode, sharding=N
         prompt_mask=_sds((num_rows, vocab_size), jnp.bool_, sharding) if pen else None)
 
 
-GREEDY = SamplerMode(all_greedy=True, use_filters=False, use_penalties=False, num_logprobs=0)
+GREEDY = SamplerMode(use_penalties=False, num_logprobs=0)
 
 
 @dataclasses.dataclass
@@ -139,17 +140,14 @@ class StepSpecs:
     params: Any
     kv_pool: tuple
     inputs: StepInputs
-    sampling: SamplingTensors
-    mode: SamplerMode
 
     @property
     def args(self):
-        return (self.params, self.kv_pool, self.inputs, self.sampling)
+        return (self.params, self.kv_pool, self.inputs)
 
 
 def step_specs(config: ModelConfig, bucket: Bucket, *, backend: AttentionBackend | None = None,
-               param_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, mode: SamplerMode = GREEDY,
-               sharding=None) -> StepSpecs:
+               param_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, sharding=None) -> StepSpecs:
     """Abstract arguments of the engine's step for `config` at `bucket` (no arrays made).
 
     The parameter tree comes from `jax.eval_shape` of the model's `init`, so it is
@@ -166,28 +164,35 @@ def step_specs(config: ModelConfig, bucket: Bucket, *, backend: AttentionBackend
         inputs.token_ids, inputs.positions, pool, meta, inputs.logits_index)["params"]
     params = jax.tree.map(lambda s: _sds(s.shape, s.dtype, sharding), shapes)
     return StepSpecs(module, params, (_sds(pool_shape, kv_dtype, sharding),) * 2,
-                     input_specs(bucket, sharding),
-                     sampling_specs(bucket.num_seqs, config.vocab_size, mode, sharding), mode)
+                     input_specs(bucket, sharding))
 
 
 # ---- lowering and compiling ------------------------------------------------------------------
 
 def lower_step(specs: StepSpecs, *, platforms: tuple[str, ...] | None = None):
     """Lower the engine's jitted step (pool donated, as `ModelRunner` jits it)."""
-    step = jax.jit(make_step(specs.module), static_argnames=("mode",), donate_argnums=(1,))
-    traced = step.trace(*specs.args, mode=specs.mode)
+    traced = jax.jit(make_step(specs.module), donate_argnums=(1,)).trace(*specs.args)
     return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
+
+
+def compile_sampler(vocab_size: int, num_rows: int, gpu: str | None = None,
+                    mode: SamplerMode = GREEDY):
+    """Compile the engine's sampler for `num_rows` rows of logits and `mode`: deviceless for
+    `gpu`, or for the local backend when `gpu` is None."""
+    sharding = gpu_sharding(gpu) if gpu else None
+    logits = _sds((num_rows, vocab_size), jnp.float32, sharding)
+    return jax.jit(sample, static_argnames=("mode",)).trace(
+        logits, sampling_specs(num_rows, vocab_size, mode, sharding), mode=mode).lower().compile()
 
 
 def compile_step(config: ModelConfig, bucket: Bucket, gpu: str | None = None, *,
                  dump_to: str | os.PathLike | None = None, param_dtype=jnp.bfloat16,
-                 kv_dtype=jnp.bfloat16, mode: SamplerMode = GREEDY,
-                 backend: str = "pallas"):
+                 kv_dtype=jnp.bfloat16, backend: str = "pallas"):
     """Compile the engine's step for `config` at `bucket`: deviceless for `gpu` ("a100" /
     "h100"), or for the local backend when `gpu` is None. `dump_to`: XLA dump directory
     (optimized HLO, PTX, `thunk_sequence.txt`)."""
     sharding = gpu_sharding(gpu) if gpu else None
     specs = step_specs(config, bucket, backend=backend_for(gpu, backend), param_dtype=param_dtype,
-                       kv_dtype=kv_dtype, mode=mode, sharding=sharding)
+                       kv_dtype=kv_dtype, sharding=sharding)
     options = {"xla_dump_to": str(dump_to)} if dump_to else None
     return lower_step(specs).compile(compiler_options=options)

@@ -19,6 +19,7 @@ during each run: compilations > 0 means compile time is inside the latencies.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .workloads import WARMUP_MODES, load_workload, log, vary
+from .workloads import load_workload, log, random_workload, vary
 
 
 async def _one(client, body: dict, headers: dict, start_at: float) -> dict[str, Any]:
@@ -192,18 +193,46 @@ def plot_sweep(results: list[dict], path: str, title: str = "") -> None:
 
 
 def benchmark_serving(url: str, workload_path: str, rates: list[float], *, num_requests=None,
-                      warmup: str = "full", quiet: bool = False, **kw) -> list[dict]:
-    workload = load_workload(workload_path, num_requests)
-    if warmup == "full":  # the same lengths with other token ids: compiles the step shapes
+                      warmup: bool = True, repeat: int = 1, input_len: int = 128,
+                      output_len: int = 32, quiet: bool = False, **kw) -> list[dict]:
+    """One result per rate; with `repeat` > 1 each rate runs that many times (each with its
+    own prompts) and the result holds the median of every figure, the runs in `runs`."""
+    if workload_path == "random":
+        workload = random_workload(num_requests or 32, input_len, output_len, kw.get("seed", 0))
+    else:
+        workload = load_workload(workload_path, num_requests)
+    if warmup:  # the same lengths with other token ids: a server that compiles on first use does
         log(f"warm-up: {len(workload)} requests at once (untimed) ...", quiet)
         asyncio.run(run_benchmark(url, workload, math.inf, variant=1, **kw))
-    results = []
-    for i, rate in enumerate(rates):  # each run its own prompts: none served from another's cache
-        res = asyncio.run(run_benchmark(url, workload, rate, variant=i + 2, **kw))
+    results, variant = [], 2
+    for rate in rates:  # each run its own prompts: none served from another's cache
+        runs = []
+        for _ in range(repeat):
+            runs.append(asyncio.run(run_benchmark(url, workload, rate, variant=variant, **kw)))
+            variant += 1
+        res = median_result(runs)
         res["workload"] = os.path.basename(str(workload_path))
         log(format_serving(res), quiet)
         results.append(res)
     return results
+
+
+def median_result(runs: list[dict]) -> dict:
+    """The median over runs of every number (nested stats too); the runs kept in `runs`."""
+    if len(runs) == 1:
+        return dict(runs[0])
+
+    def merge(values):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: merge([v[k] for v in values]) for k in first}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            return float(np.median(values))
+        return first
+    out = merge(runs)
+    out["errors"] = sorted({e for r in runs for e in r["errors"]})[:5]
+    out["runs"] = runs
+    return out
 
 
 def _rate(text: str) -> float:
@@ -217,10 +246,19 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000",
                         help="a running jpaged (or any OpenAI-compatible) server [default: %(default)s]")
     parser.add_argument("--workload", required=True, metavar="NAME|FILE.json",
-                        help="a shipped workload (sharegpt_short_64, sharegpt_256, alpaca_256) or "
-                             'a JSON list of {"prompt_token_ids": [...], "max_tokens": N}')
+                        help="'random' (vLLM's random dataset: --random-input-len prompt tokens, "
+                             "--random-output-len output tokens), a shipped workload "
+                             "(sharegpt_short_64, sharegpt_256, alpaca_256) or a JSON list of "
+                             '{"prompt_token_ids": [...], "max_tokens": N}')
     parser.add_argument("--num-requests", type=int, default=None, metavar="K",
-                        help="use only the first K requests")
+                        help="use only the first K requests (random: make K) [random: 32]")
+    parser.add_argument("--random-input-len", type=int, default=128, metavar="N",
+                        help="random workload: prompt tokens [default: 128]")
+    parser.add_argument("--random-output-len", type=int, default=32, metavar="N",
+                        help="random workload: output tokens [default: 32]")
+    parser.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="runs per rate, each with its own prompts; the median is reported "
+                             "[default: 1]")
     parser.add_argument("--request-rate", type=_rate, default=math.inf, metavar="R",
                         help="mean arrivals per second, Poisson; inf = all at once [default: inf]")
     parser.add_argument("--sweep", default=None, metavar="R1,R2,...",
@@ -233,10 +271,11 @@ def add_cli_args(parser) -> None:
                         help="[default: $JPAGED_API_KEY]")
     parser.add_argument("--temperature", type=float, default=0.0, help="[default: 0, greedy]")
     parser.add_argument("--seed", type=int, default=0, help="arrival times and request seeds")
-    parser.add_argument("--warmup", choices=WARMUP_MODES, default="full",
-                        help="full: send the workload once, all at once and untimed, with other "
-                             "token ids, so the server compiles most step shapes first (see "
-                             "'compilations' in the results) [default: full]")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="send the workload once first, all at once and untimed, with other "
+                             "token ids, so that nothing compiles in the timed runs on a server "
+                             "that compiles on first use (see 'compilations' in the results) "
+                             "[default: on]")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -244,7 +283,9 @@ def add_cli_args(parser) -> None:
 def main(args) -> int:
     rates = [_rate(r) for r in args.sweep.split(",")] if args.sweep else [args.request_rate]
     results = benchmark_serving(args.url, args.workload, rates, num_requests=args.num_requests,
-                                warmup=args.warmup, quiet=args.quiet or args.json, model=args.model,
+                                warmup=args.warmup, repeat=args.repeat,
+                                input_len=args.random_input_len, output_len=args.random_output_len,
+                                quiet=args.quiet or args.json, model=args.model,
                                 api_key=args.api_key, temperature=args.temperature, seed=args.seed)
     if args.output:
         with open(args.output, "w") as f:

@@ -91,7 +91,7 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
 
     from jpaged.entrypoints.llm import LLM
     from jpaged.models.loader import resolve_model_path
-    from jpaged.runner.sampling_tensors import dummy_sampling_tensors, sampler_mode
+    from jpaged.runner.sampling_tensors import sampler_mode
     from jpaged.sampling_params import SamplingParams
     llm = LLM(str(resolve_model_path(model)), **engine_args)
     runner, cfg = llm.runner, llm.model_config
@@ -110,7 +110,7 @@ def step_benchmark(model=None, *, batch_sizes=(1, 8, 64), context: int = 256, it
     for B in batch_sizes:
         batch = _decode_batch(llm, B, context)
         inputs = runner.input_builder.build(batch)
-        sampling = dummy_sampling_tensors(len(inputs.logits_index), cfg.vocab_size, mode)
+        sampling = runner.dummy_sampling(len(inputs.logits_index), mode)
         step_s = _timed(lambda inputs=inputs, sampling=sampling: runner._run(inputs, sampling, mode), iters)
         padded = inputs.token_ids.shape[0]
         dot_rate = measure_dot_rate(padded, cfg.hidden_size, cfg.intermediate_size, param_dtype,

@@ -7,6 +7,7 @@ users run.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 from jpaged.arg_utils import add_engine_flags, collect
 
-from .workloads import WARMUP_MODES, load_workload, log, process_start, vary
+from .workloads import load_workload, log, process_start
 
 
 def _params(workload, temperature: float, seed: int | None = None):
@@ -25,23 +26,18 @@ def _params(workload, temperature: float, seed: int | None = None):
 
 
 def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 0.0,
-                   warmup: str = "full", seed: int | None = 0, quiet: bool = False) -> dict[str, Any]:
-    """Warm up, then time `llm.generate` over the whole workload (all requests queued at
-    once, no progress bar). Returns the result dict (see `throughput_benchmark`)."""
+                   warmup: bool = True, seed: int | None = 0, quiet: bool = False) -> dict[str, Any]:
+    """Warm up (`LLM.warmup`: every executable compiled or loaded), then time `llm.generate`
+    over the whole workload (all requests queued at once, no progress bar). Returns the
+    result dict (see `throughput_benchmark`)."""
     import jax
-    if warmup not in WARMUP_MODES:
-        raise ValueError(f"warmup must be one of {WARMUP_MODES}, got {warmup!r}")
     params = _params(workload, temperature, seed)
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in workload]
     compilations_start = llm.num_compilations()
     warmup_s = 0.0
-    if warmup == "full":
-        log(f"warm-up: {len(workload)} requests of the workload's shapes (untimed)", quiet)
-        start = time.perf_counter()
-        llm.generate([{"prompt_token_ids": vary(r["prompt_token_ids"], 1)} for r in workload],
-                     params, use_tqdm=not quiet)
-        warmup_s = time.perf_counter() - start
-    first_pass_end = time.time()
+    if warmup:
+        log("warm-up: compiling every executable (untimed)", quiet)
+        warmup_s = llm.warmup(use_tqdm=not quiet)
     warmup_compilations = llm.num_compilations() - compilations_start
 
     llm.stats.reset()
@@ -51,9 +47,7 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall_s = time.perf_counter() - start
-    if warmup != "full":
-        first_pass_end = time.time()
-    first_pass_s = first_pass_end - process_start()
+    first_pass_s = time.time() - process_start()
 
     prompt_tokens = sum(len(r["prompt_token_ids"]) for r in workload)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -97,7 +91,7 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
 
 
 def throughput_benchmark(workload_path, model=None, *, num_requests: int | None = None,
-                         temperature: float = 0.0, warmup: str = "full", baseline: str | None = None,
+                         temperature: float = 0.0, warmup: bool = True, baseline: str | None = None,
                          hf_batch_size: int = 16, quiet: bool = False,
                          **engine_args) -> dict[str, Any]:
     """Load the engine, replay the workload (see `run_throughput`) and, with
@@ -162,14 +156,11 @@ queued at once; every request generates exactly N tokens (ignore_eos, greedy unl
 slots allocated, per step: mean and peak), preemptions and step compilations during the
 timed run, load and warm-up seconds.
 
-Warm-up (--warmup): 'full' (default) first runs the whole workload once, untimed, with
-every prompt token id moved by one. The lengths are the same, so the scheduler makes
-the same steps and every step shape the timed run needs is compiled (the JSON's
-'compilations' shows 0 when it worked), but no prompt of the timed run can be served
-from a cache the warm-up filled. The timed run then measures steady-state serving;
-compile time is reported in warmup_s, and start-up in load_s. 'none' times a cold
-engine: compilations are then part of wall_s (the persistent XLA cache,
---compilation-cache-dir, can still serve them from disk).
+Warm-up (--warmup, the default; --no-warmup to time a cold engine): every executable a
+request can need is compiled, or loaded from disk, before the timed run (LLM.warmup), so
+the JSON's 'compilations' is 0 and the run measures steady-state serving; warm-up time
+is reported in warmup_s, start-up in load_s, and first_pass_s runs from process start to
+the end of the timed run. With --no-warmup compilations are part of wall_s.
 
 --baseline hf then runs the same workload through transformers generate in this
 process (after freeing jpaged's pool): static batches of --hf-batch-size in workload
@@ -185,8 +176,8 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--num-requests", type=int, default=None, metavar="K",
                         help="use only the first K requests")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--warmup", choices=WARMUP_MODES, default="full",
-                        help="see above [default: full]")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="see above [default: on]")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature of every request [default: 0, greedy]")
     parser.add_argument("--baseline", choices=("hf",), default=None,

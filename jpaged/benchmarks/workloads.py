@@ -29,7 +29,15 @@ SHAPES = {  # mean prompt, mean output, sigma, output cap
 }
 SHIPPED = {"sharegpt_short_64": ("sharegpt-short", 64), "sharegpt_256": ("sharegpt", 256),
            "alpaca_256": ("alpaca", 256)}
-WARMUP_MODES = ("full", "none")
+
+
+def random_workload(n: int, input_len: int, output_len: int, seed: int = 0,
+                    vocab: int = 49152) -> list[dict[str, Any]]:
+    """vLLM's `random` dataset at range ratio 0: `n` prompts of exactly `input_len` random
+    token ids, each generating exactly `output_len` tokens."""
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(100, vocab - 100, input_len).tolist(),
+             "max_tokens": output_len} for _ in range(n)]
 
 
 def make_workload(name: str, n: int, seed: int, vocab: int = 49152,

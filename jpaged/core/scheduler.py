@@ -27,6 +27,7 @@ is full or the group is all that runs.
 from __future__ import annotations
 
 import collections
+from typing import Sequence as Seq
 
 from jpaged.config import EngineConfig
 from jpaged.exceptions import BeamSearchDoesNotFitError
@@ -37,9 +38,13 @@ from .sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 token_buckets: Seq[int] = ()):
+        """`token_buckets`: the token counts a prefill step is padded up to (the runner's
+        compiled sizes); a step that would spill a little past one is cut back to it."""
         self.config = config
         self.block_manager = block_manager
+        self.token_buckets = sorted(token_buckets)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.swapped: collections.deque[list[Sequence]] = collections.deque()  # groups, first in first
@@ -87,9 +92,11 @@ class Scheduler:
         self._schedule_swap_in(ops)
         preemptions = self.num_preemptions
         decode = self._schedule_decode(ops)
-        budget = self.config.max_num_batched_tokens - (decode.num_tokens if decode else 0)
-        prefill = self._schedule_prefill(ops, admit=not self.swapped and self.num_preemptions == preemptions,
-                                         budget=max(0, budget))
+        num_decode = decode.num_tokens if decode else 0
+        admit = not self.swapped and self.num_preemptions == preemptions
+        budget = self._fit_bucket(num_decode, max(0, self.config.max_num_batched_tokens - num_decode),
+                                  admit)
+        prefill = self._schedule_prefill(ops, admit=admit, budget=budget)
         batch = prefill or decode
         if prefill and decode:
             batch = SchedulerOutput(decode.seqs + prefill.seqs, decode.num_new_tokens + prefill.num_new_tokens,
@@ -104,6 +111,29 @@ class Scheduler:
         batch.blocks_to_copy = ops.blocks_to_copy
         return batch
 
+    def _partial(self) -> list[Sequence]:
+        """Running sequences whose prompt is still being prefilled; one whose samples fork with
+        its last chunk stays here down to its last token (decode batches get reordered, forks
+        need order)."""
+        return [s for s in self.running
+                if s.num_uncomputed_tokens > 1 or (s.pending_forks and s.num_uncomputed_tokens)]
+
+    def _fit_bucket(self, num_decode: int, budget: int, admit: bool) -> int:
+        """The prefill budget, cut so that the step ends on a token bucket when it would spill
+        up to half a bucket past one (the next bucket is twice the size: 10 decode rows and
+        a 128-token prompt would run a 256-token step; instead 118 prompt tokens go now, in
+        a 128-token step, and 10 with the next step), and the cut keeps at least half of
+        the prompt tokens waiting."""
+        wanted = sum(s.num_uncomputed_tokens for s in self._partial())
+        if admit:
+            wanted += sum(s.num_uncomputed_tokens for s in self.waiting)
+        wanted = min(wanted, budget)
+        total = num_decode + wanted
+        lower = max((b for b in self.token_buckets if b <= total), default=total)
+        if total - lower <= lower // 2 and 2 * (lower - num_decode) >= wanted > lower - num_decode:
+            return lower - num_decode
+        return budget
+
     def _group_size(self, seq: Sequence) -> int:
         """Sequences admitting `seq` will add to the running set (with its forks to come)."""
         beam = seq.request.beam
@@ -115,11 +145,7 @@ class Scheduler:
         bm = self.block_manager
         bs = bm.block_size
         seqs, counts = [], []
-        # Prompts still being prefilled; one whose samples fork with its last chunk stays
-        # here down to its last token (decode batches get reordered, forks need order).
-        partial = [s for s in self.running
-                   if s.num_uncomputed_tokens > 1 or (s.pending_forks and s.num_uncomputed_tokens)]
-        for seq in partial + (list(self.waiting) if admit else []):
+        for seq in self._partial() + (list(self.waiting) if admit else []):
             if budget == 0:
                 break
             is_new = seq.status is SequenceStatus.WAITING

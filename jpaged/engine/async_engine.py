@@ -55,8 +55,14 @@ class AsyncEngine:
     """Owns `core` (an EngineCore, such as an LLM) from now on: after construction, call
     its methods only through this."""
 
-    def __init__(self, core, *, name: str = "jpaged-engine"):
+    def __init__(self, core, *, name: str = "jpaged-engine", warmup: bool = False):
+        """`warmup`: the thread first compiles every executable a request can need
+        (`EngineCore.warmup`); requests queued meanwhile run after it, and `ready` is set
+        when it is done (at once without warm-up)."""
         self.core = core
+        self.ready = threading.Event()
+        self.warmup_s: float | None = None
+        self._warmup = warmup
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
         self._front: list = []  # a command taken off the queue early, to run first
@@ -183,6 +189,12 @@ class AsyncEngine:
     def _run(self) -> None:
         core = self.core
         try:
+            if self._warmup:
+                self.warmup_s = core.warmup(use_tqdm=False)
+                logger.warning("compiled or loaded %d executables in %.1f s",
+                               len(core.runner.executables_needed()), self.warmup_s)
+                self._publish()
+            self.ready.set()
             while True:
                 # Block only while idle; between steps take whatever is queued.
                 block = not core.has_unfinished_requests()

@@ -9,7 +9,9 @@ and the server's `AsyncEngine` drives it from a thread (docs/design.md, "One ste
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import threading
 import time
 from typing import Any, Sequence as Seq
 
@@ -25,7 +27,9 @@ from jpaged.exceptions import InvalidRequestError, InvalidRequestTypeError
 from jpaged.outputs import RequestOutput
 from jpaged.runner.kv_cache import plan_kv_cache
 from jpaged.runner.model_loader import load_model
-from jpaged.runner.model_runner import ModelRunner, enable_compilation_cache, num_step_compilations
+from jpaged.runner.executables import ExecutableTable, source_fingerprint
+from jpaged.runner.model_runner import (ModelRunner, enable_compilation_cache, executables_dir,
+                                        num_step_compilations)
 from jpaged.runner.sampling_tensors import sampler_mode
 from jpaged.sampling_params import BeamSearchParams, SamplingParams
 
@@ -51,7 +55,6 @@ class EngineCore:
 
     def __init__(self, model=None, *, params=None, tokenizer=None, **engine_args):
         self.config = config = EngineConfig(**engine_args)
-        enable_compilation_cache(config.compilation_cache_dir)
         start = time.perf_counter()
         loaded = load_model(model, params=params, tokenizer=tokenizer, dtype=config.dtype,
                             scan_layers=config.scan_layers, attention_backend=config.attention_backend,
@@ -71,10 +74,11 @@ class EngineCore:
         self.runner = ModelRunner(loaded.module, self.params, loaded.config, loaded.backend, kv,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_logprobs=config.max_logprobs, eos_token_ids=sorted(eos))
+                                  max_logprobs=config.max_logprobs, eos_token_ids=sorted(eos),
+                                  executables=self._executable_table(loaded, kv))
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching, kv.num_host_blocks)
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager, self.runner.cut_buckets())
         self.input_processor = InputProcessor(self.tokenizer, loaded.config.vocab_size, kv.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, eos, kv.max_model_len)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -205,21 +209,38 @@ class EngineCore:
         self.stats.blocks_copied += len(batch.blocks_to_copy)
         self.stats.blocks_swapped += len(batch.blocks_to_swap_in) + len(batch.blocks_to_swap_out)
 
-    def warmup(self, sampling_params: Seq[SamplingParams] = (SamplingParams(temperature=0.0),),
-               buckets=None, use_tqdm: bool = True) -> float:
-        """Compile the step for every bucket this configuration can produce (or `buckets`),
-        for the sampler modes of `sampling_params`. Returns the seconds it took."""
+    def _executable_table(self, loaded, kv) -> ExecutableTable:
+        """The runner's executables, saved beside XLA's cache for a model loaded from a path
+        (an in-memory model's code is not in the fingerprint: it keeps to XLA's cache)."""
+        directory = executables_dir(self.config.compilation_cache_dir)
+        if directory is None or loaded.path is None:
+            enable_compilation_cache(self.config.compilation_cache_dir)
+            return ExecutableTable()
+        leaves = jax.tree_util.tree_flatten(loaded.params)
+        identity = repr((source_fingerprint(), type(loaded.module).__qualname__, loaded.config,
+                         str(leaves[1]), [(x.shape, str(x.dtype)) for x in leaves[0]],
+                         loaded.backend.name, str(kv.dtype), kv.num_blocks, kv.block_size,
+                         kv.max_model_len, getattr(loaded.module, "packed_weights", False)))
+        return ExecutableTable(directory, hashlib.sha256(identity.encode()).hexdigest())
+
+    def warmup(self, sampling_params: Seq[SamplingParams] | None = None, *, use_tqdm: bool = True,
+               workers: int = 2) -> float:
+        """Compile (or load from disk) every executable a request can need: each step bucket
+        this configuration can produce, and the sampler for every mode (penalties, logprobs;
+        greedy, sampled and filtered rows share one), or only for the modes
+        `sampling_params` need. Runs nothing. Returns the seconds it took."""
         from tqdm.auto import tqdm
         start = time.perf_counter()
-        buckets = buckets if buckets is not None else self.runner.input_builder.step_buckets()
-        modes = list(dict.fromkeys(sampler_mode([sp], sp.min_tokens > 0, self.config.max_logprobs)
-                                   for sp in sampling_params))
-        with tqdm(total=len(buckets) * len(modes), desc="Compiling", disable=not use_tqdm,
-                  unit="shape") as bar:
-            for mode in modes:
-                for shape in buckets:
-                    self.runner.warmup(shape, mode)
+        modes = None if sampling_params is None else list(dict.fromkeys(
+            sampler_mode([sp], sp.min_tokens > 0, self.config.max_logprobs) for sp in sampling_params))
+        items = self.runner.executables_needed(modes)
+        with tqdm(total=len(items), desc="Compiling", disable=not use_tqdm, unit="exe") as bar:
+            lock = threading.Lock()
+
+            def progress():
+                with lock:
                     bar.update()
+            self.runner.warmup(modes, workers, progress)
         return time.perf_counter() - start
 
     # ---- introspection --------------------------------------------------------------------
@@ -260,5 +281,5 @@ class EngineCore:
                 "swapped": requests(s for group in sched.swapped for s in group)}
 
     def num_compilations(self) -> int:
-        """Step executables compiled (or loaded from the persistent cache) in this process."""
+        """Executables (steps, samplers) compiled or loaded from disk in this process."""
         return num_step_compilations()

@@ -10,7 +10,8 @@ write to slot -1 (dropped) and padding sequences have context length 0.
 
 Attention reads queries in tiles: rows of at most Q tokens of one sequence
 (`query_grid`, `tile_seq`). A decode step has one tile per sequence (Q = 1); a
-prefill step cuts each sequence's new tokens into tiles of `PREFILL_TILE`,
+prefill step (Q = `PREFILL_TILE`, or N if less: one Q per token bucket keeps the
+buckets few) cuts each sequence's new tokens into tiles of Q,
 sorted by how far back they attend, so no work is spent on a [sequences,
 longest prompt] grid of padding and rows that attend to few pages stop early.
 """
@@ -40,6 +41,7 @@ class StepInputs(NamedTuple):
 
 
 PREFILL_TILE = 32  # queries per attention tile in prefill steps
+FULL_ROWS_TOKENS = 512  # prefill steps of this many tokens or more have B = the most sequences
 
 
 def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
@@ -78,9 +80,21 @@ class InputBuilder:
             B = decode_bucket(num_seqs, self.single_row_decode)
             return B, B, 1, P
         N = bucket(batch.num_tokens, 16)
-        B = bucket(num_seqs, 1)
-        Q = min(bucket(max(batch.num_new_tokens), 16, N), PREFILL_TILE)
-        return N, B, Q, P
+        return N, self.prefill_rows(N, num_seqs), min(PREFILL_TILE, N), P
+
+    def prefill_rows(self, num_tokens: int, num_seqs: int) -> int:
+        """B of a prefill step: a power of two, or for steps of `FULL_ROWS_TOKENS`+ tokens
+        always the most sequences (their extra logits rows cost < 4% of such a step, and
+        the buckets stay few: each compiles in about a second)."""
+        if num_tokens >= FULL_ROWS_TOKENS:
+            return bucket(self.max_num_seqs)
+        return bucket(num_seqs)
+
+    @staticmethod
+    def shape_of(inputs: StepInputs) -> tuple[int, int, int, int]:
+        """The (N, B, Q, P) bucket of built inputs."""
+        return (inputs.token_ids.shape[0], *inputs.block_tables.shape[:1],
+                inputs.query_grid.shape[1], inputs.block_tables.shape[1])
 
     def step_buckets(self) -> list[tuple[int, int, int, int]]:
         """Every (N, B, Q, P) the scheduler can produce under this configuration."""
@@ -89,16 +103,16 @@ class InputBuilder:
         out = [(B, B, 1, P) for B in seqs for P in pages]
         tokens = sorted({bucket(n, 16) for n in range(1, self.max_num_batched_tokens + 1)})
         for N in tokens:
-            for B, Q, P in itertools.product(
-                    sorted({bucket(b) for b in range(1, min(N, self.max_num_seqs) + 1)}),
-                    sorted({min(bucket(q, 16, N), PREFILL_TILE) for q in range(1, N + 1)}), pages):
-                # Reachable only if B sequences, none longer than Q (or any length when
-                # Q is the tile cap), can fill more than N/2 tokens (N is the smallest
-                # bucket for the count), and the longest query fits in the context.
-                fills = Q == PREFILL_TILE or B * Q > N // 2
-                if (N == 16 or fills) and Q <= P * self.block_size:
+            Q = min(PREFILL_TILE, N)
+            for B, P in itertools.product(sorted({self.prefill_rows(N, b) for b in
+                                                 range(1, min(N, self.max_num_seqs) + 1)}), pages):
+                if Q <= P * self.block_size:
                     out.append((N, B, Q, P))
         return out
+
+    def token_buckets(self) -> list[int]:
+        """The token counts N a prefill step is padded up to (for the scheduler)."""
+        return sorted({N for N, _, Q, _ in self.step_buckets() if Q > 1})
 
     @staticmethod
     def dummy(N: int, B: int, Q: int, P: int) -> StepInputs:

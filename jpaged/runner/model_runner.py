@@ -1,11 +1,15 @@
 """Owns the device side: weights, the one KV pool, its swap space, and the jitted step.
 
 `execute` turns the scheduler's output into the step's fixed-shape arrays (the input
-builder and the sampling tensors), runs the step and hands back only the sampled token
-ids and logprobs. The pool is donated, so XLA updates it in place (docs/design.md,
+builder and the sampling tensors), runs the step (model forward: logits) and then the
+sampler on them, and hands back only the sampled token ids and logprobs. Both are
+compiled executables from an `ExecutableTable`; the sampler is its own executable so that
+its variants (penalties, logprobs) do not multiply the step's buckets. The pool is donated, so XLA updates it in place (docs/design.md,
 "The in-place pool rule"); `step_memory_analysis` lets a test prove the step never copies it.
 """
 from __future__ import annotations
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,29 +22,21 @@ from jpaged.models import ModelConfig
 from jpaged.utils import cache_root
 
 from . import block_ops
+from .executables import ExecutableTable, num_built
 from .input_builder import InputBuilder, StepInputs
 from .kv_cache import KVCacheConfig
 from .sampler import sample
-from .sampling_tensors import (SamplerMode, SamplerOutput, SamplingTensors, build_sampling_tensors,
-                               dummy_sampling_tensors)
+from .sampling_tensors import (SamplerMode, SamplerOutput, SamplingTensors, batch_sampler_mode,
+                               build_sampling_tensors, dummy_sampling_tensors, sampler_modes,
+                               sampler_rows)
 
-_STEP_NAME = "jpaged_step"
 _LARGE_STEP_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _LARGE_STEP_TOKENS = 1024
-_compile_events: list[str] = []
-
-
-def _on_event(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration" and _STEP_NAME in str(kwargs.get("fun_name", "")):
-        _compile_events.append(kwargs.get("fun_name"))
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
 def num_step_compilations() -> int:
-    """Executables built for the step so far in this process (all runners)."""
-    return len(_compile_events)
+    """Executables (steps and samplers) compiled or loaded so far in this process."""
+    return num_built()
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -53,23 +49,33 @@ def enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def executables_dir(compilation_cache_dir: str | None) -> pathlib.Path | None:
+    """Where serialized executables live: beside XLA's cache (None when it is disabled)."""
+    if compilation_cache_dir == "":
+        return None
+    return pathlib.Path(compilation_cache_dir or cache_root() / "xla") / "jpaged-executables"
+
+
 def make_step(module):
-    """The engine's step function for a Flax `module` (jit it with the pool donated)."""
-    def jpaged_step(params, kv_pool, inputs: StepInputs, sampling: SamplingTensors,
-                    mode: SamplerMode) -> tuple[SamplerOutput, tuple[jax.Array, jax.Array]]:
-        """One engine step: model forward over the packed new tokens, then sampling.
-        Donated: `kv_pool` (updated in place and returned). Static: `mode`."""
+    """The engine's model step for a Flax `module` (jit it with the pool donated)."""
+    def jpaged_step(params, kv_pool, inputs: StepInputs) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Model forward over the packed new tokens: logits f32[B, V] of each sequence's
+        last new token, and the pool (donated: updated in place and returned)."""
         meta = AttentionMetadata.from_inputs(inputs)
-        logits, kv_pool = module.apply({"params": params}, inputs.token_ids, inputs.positions,
-                                       kv_pool, meta, inputs.logits_index)
-        return sample(logits, sampling, mode), kv_pool
+        return module.apply({"params": params}, inputs.token_ids, inputs.positions,
+                            kv_pool, meta, inputs.logits_index)
     return jpaged_step
+
+
+def pad_rows(logits: jax.Array, rows: int) -> jax.Array:
+    """Logits padded with zero rows to the sampler's rows."""
+    return jnp.pad(logits, ((0, rows - logits.shape[0]), (0, 0)))
 
 
 class ModelRunner:
     def __init__(self, module, params, model_config: ModelConfig, backend: AttentionBackend,
                  kv: KVCacheConfig, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_logprobs: int, eos_token_ids=()):
+                 max_logprobs: int, eos_token_ids=(), executables: ExecutableTable | None = None):
         self.module = module
         self.params = params
         self.config = model_config
@@ -85,54 +91,102 @@ class ModelRunner:
             or jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32)
         self.input_builder = InputBuilder(kv.block_size, max_num_seqs, max_num_batched_tokens,
                                           kv.max_model_len, single_row_decode=single_row)
+        self.max_rows = max(b[1] for b in self.input_builder.step_buckets())
         shape = backend.pool_shape(model_config.num_layers, kv.num_blocks, kv.block_size,
                                    model_config.num_kv_heads, model_config.head_dim)
         self.kv_pool = (jnp.zeros(shape, kv.dtype), jnp.zeros(shape, kv.dtype))
         self.pool_bytes = kv.num_blocks * kv.bytes_per_block
         self.host_pool = block_ops.HostKVPool(self.kv_pool, kv.num_host_blocks, backend.block_axis)
-        step = make_step(module)
-        self._step = jax.jit(step, static_argnames=("mode",), donate_argnums=(1,))
-        # Steps of 1,024+ tokens run their large matmuls faster in XLA's own CPU dots than in
-        # YNNPACK's (a 2,048-token step 1.2x faster); smaller steps are faster with YNNPACK
-        # (a 64-row decode step 1.1x, a 32-token prefill 2.5x).
-        self._large_step = jax.jit(step, static_argnames=("mode",), donate_argnums=(1,),
-                                   compiler_options=_LARGE_STEP_CPU_OPTIONS) \
-            if jax.default_backend() == "cpu" else self._step
+        self.executables = executables if executables is not None else ExecutableTable()
+        self._step = jax.jit(make_step(module), donate_argnums=(1,))
+        self._sample = jax.jit(sample, static_argnames=("mode",))
+        self._pad = jax.jit(pad_rows, static_argnums=(1,))
+
+    def cut_buckets(self) -> list[int]:
+        """Token buckets the scheduler may cut a prefill back to (`Scheduler.token_buckets`):
+        those where a step's cost grows with its tokens. Below them a step costs about one
+        pass over the weights whatever its size (on this 2-core CPU a 135M-parameter float32
+        step reaches its weight-streaming time near 16 tokens; a GPU near hundreds), and two
+        small steps would cost more than one padded one."""
+        floor = 128 if jax.default_backend() == "cpu" else 512
+        return [n for n in self.input_builder.token_buckets() if n >= floor]
 
     # ---- the step -------------------------------------------------------------------------
 
     def execute(self, batch: SchedulerOutput) -> SamplerOutput:
         """Run one scheduled step; returns the sampler's output as numpy arrays, one row per
         sequence of `batch.seqs` (which the input builder may reorder, decode rows longest
-        context first)."""
+        context first), padding rows after them."""
         inputs = self.input_builder.build(batch)
-        sampling, mode = build_sampling_tensors(batch, len(inputs.logits_index), self.config.vocab_size,
-                                                self.max_logprobs, self.eos_token_ids)
+        mode = batch_sampler_mode(batch, self.max_logprobs)
+        rows = sampler_rows(len(inputs.logits_index), mode, self.max_rows)
+        sampling = build_sampling_tensors(batch, rows, self.config.vocab_size, mode, self.eos_token_ids)
         return self._run(inputs, sampling, mode)
 
-    def _step_for(self, inputs: StepInputs):
-        return self._large_step if inputs.token_ids.shape[0] >= _LARGE_STEP_TOKENS else self._step
-
     def _run(self, inputs: StepInputs, sampling: SamplingTensors, mode: SamplerMode):
-        out, self.kv_pool = self._step_for(inputs)(self.params, self.kv_pool, inputs, sampling, mode=mode)
+        """The step, then the sampler (at `sampling`'s rows) on its logits."""
+        table = self.executables
+        shape = self.input_builder.shape_of(inputs)
+        step = table.get(("step", shape), lambda: self._lower_step(shape))
+        logits, self.kv_pool = step(self.params, self.kv_pool, inputs)
+        B, rows = shape[1], len(sampling.temperature)
+        if rows != B:
+            logits = table.get(("pad", B, rows), lambda: self._lower_pad(B, rows))(logits)
+        out = table.get(("sample", rows, mode), lambda: self._lower_sampler(rows, mode))(logits, sampling)
         return jax.device_get(out)
 
-    def _dummy(self, shape: tuple[int, int, int, int], mode: SamplerMode):
-        """All-padding inputs of one bucket (N, B, Q, P) and sampling tensors for `mode`."""
-        return (self.input_builder.dummy(*shape),
-                dummy_sampling_tensors(shape[1], self.config.vocab_size, mode))
+    # ---- compiling ------------------------------------------------------------------------
 
-    def warmup(self, shape: tuple[int, int, int, int], mode: SamplerMode) -> None:
-        """Compile (and run) the step for one bucket (N, B, Q, P) and sampler mode: all-padding
-        inputs, which write nothing and read nothing."""
-        self._run(*self._dummy(shape, mode), mode)
+    def _lower_step(self, shape: tuple[int, int, int, int]):
+        # Steps of 1,024+ tokens run their large matmuls faster in XLA's own CPU dots than in
+        # YNNPACK's (a 2,048-token step 1.2x faster); smaller steps are faster with YNNPACK
+        # (a 64-row decode step 1.1x, a 32-token prefill 2.5x).
+        large = jax.default_backend() == "cpu" and shape[0] >= _LARGE_STEP_TOKENS
+        lowered = self._step.lower(self.params, self.kv_pool, self.input_builder.dummy(*shape))
+        return lowered, (_LARGE_STEP_CPU_OPTIONS if large else None)
 
-    def lower(self, shape: tuple[int, int, int, int], mode: SamplerMode):
-        inputs, sampling = self._dummy(shape, mode)
-        return self._step_for(inputs).lower(self.params, self.kv_pool, inputs, sampling, mode=mode)
+    def _lower_pad(self, num_rows: int, rows: int):
+        spec = jax.ShapeDtypeStruct((num_rows, self.config.vocab_size), jnp.float32)
+        return self._pad.lower(spec, rows), None
 
-    def step_memory_analysis(self, shape: tuple[int, int, int, int], mode: SamplerMode):
-        return self.lower(shape, mode).compile().memory_analysis()
+    def _lower_sampler(self, rows: int, mode: SamplerMode):
+        spec = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
+        return self._sample.lower(spec, dummy_sampling_tensors(rows, self.config.vocab_size, mode),
+                                  mode=mode), None
+
+    def executables_needed(self, modes=None):
+        """(key, lower) of every executable this configuration can call: each step bucket,
+        and for each sampler mode (default: all) its row counts and the logits padding."""
+        modes = list(modes) if modes is not None else sampler_modes(self.max_logprobs)
+        buckets = self.input_builder.step_buckets()
+        items = []  # samplers first: their long compiles overlap the steps' tracing
+        for mode in modes:
+            for B in sorted({b[1] for b in buckets}):
+                rows = sampler_rows(B, mode, self.max_rows)
+                items.append((("sample", rows, mode), lambda r=rows, m=mode: self._lower_sampler(r, m)))
+                if rows != B:
+                    items.append((("pad", B, rows), lambda B=B, r=rows: self._lower_pad(B, r)))
+        items += [(("step", s), lambda s=s: self._lower_step(s)) for s in buckets]
+        return list(dict(items).items())  # once each
+
+    def warmup(self, modes=None, workers: int = 2, progress=None) -> int:
+        """Compile (or load) every executable `executables_needed` lists, running none;
+        returns how many there are."""
+        items = self.executables_needed(modes)
+        self.executables.build(items, workers, progress)
+        return len(items)
+
+    def lower(self, shape: tuple[int, int, int, int]):
+        """The step of one bucket (N, B, Q, P), lowered."""
+        return self._lower_step(shape)[0]
+
+    def step_memory_analysis(self, shape: tuple[int, int, int, int]):
+        return self.lower(shape).compile().memory_analysis()
+
+    def dummy_sampling(self, num_rows: int, mode: SamplerMode) -> SamplingTensors:
+        """Greedy sampling tensors for a step of `num_rows` rows, at the sampler's rows."""
+        return dummy_sampling_tensors(sampler_rows(num_rows, mode, self.max_rows),
+                                      self.config.vocab_size, mode)
 
     # ---- whole-block operations (copy-on-write, swapping): jitted, the pool donated ----------
 

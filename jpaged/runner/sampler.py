@@ -215,52 +215,50 @@ def _sample_exact(s, ms, t, tok, done, zk, kth, k_inside, top_tok):
     return jnp.where(done, tok, top_tok)
 
 
+def _sample_rows(pen, m_pen, greedy, greedy_tok, temp, t: SamplingTensors):
+    """Tokens of a batch where some row samples (greedy rows keep `greedy_tok`)."""
+    V = pen.shape[1]
+    u = _uniforms(t.seed, t.step)
+    inv_t = 1.0 / jnp.where(greedy, 1.0, temp)
+    s = pen * inv_t[:, None]
+    ms = m_pen * inv_t
+    ms = jnp.where(jnp.isfinite(ms), ms, 0.0)
+    tokens, z = _draw(jnp.exp(s - ms[:, None]), u)
+    k_on, _, _, p_on, min_p = _filter_params(t, V)
+    filtered = ~greedy & (k_on | p_on | (min_p > 0))
+
+    def with_filters():
+        top = _top_k(pen, min(V, CANDIDATES))
+        ftok, exact, zk, kth, k_inside = _sample_candidates(
+            top[0] * inv_t[:, None], top[1], ms, z, u, t, V)
+        done = exact | ~filtered    # rows not done restart from their unfiltered draw
+        picked = jnp.where(filtered & exact, ftok, tokens)
+        return lax.cond(jnp.all(done), lambda: picked, lambda: _sample_exact(
+            s, ms, t, picked, done, zk, kth, k_inside, greedy_tok))
+
+    tokens = lax.cond(jnp.any(filtered), with_filters, lambda: tokens)
+    return jnp.where(greedy, greedy_tok, tokens)
+
+
 def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerOutput:
-    """Sample one token per row of logits f32[B, V]; see the module docstring."""
+    """Sample one token per row of logits f32[B, V]; see the module docstring. Whether any
+    row samples, and whether any filters, is decided at run time (`lax.cond`), so one
+    executable per static `mode` serves greedy, sampled and filtered batches."""
     logits = logits.astype(jnp.float32)
-    B, V = logits.shape
     K = mode.num_logprobs
     temp = _clean(t.temperature, 0.0)
     greedy = temp < GREEDY_EPS
     pen = apply_penalties(logits, t) if mode.use_penalties else logits
-
-    top = None
-    if mode.use_filters and not mode.all_greedy:
-        top = _top_k(pen, min(V, CANDIDATES))
-        greedy_tok, m_pen = top[1][:, 0], top[0][:, 0]
-    else:
-        greedy_tok, m_pen = _argmax(pen)
+    greedy_tok, m_pen = _argmax(pen)
     m = jnp.max(logits, axis=-1) if mode.use_penalties else m_pen
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[:, None]), axis=-1))
-
-    if mode.all_greedy:
-        tokens = greedy_tok
-    else:
-        u = _uniforms(t.seed, t.step)
-        inv_t = 1.0 / jnp.where(greedy, 1.0, temp)
-        s = pen * inv_t[:, None]
-        ms = m_pen * inv_t
-        ms = jnp.where(jnp.isfinite(ms), ms, 0.0)
-        tokens, z = _draw(jnp.exp(s - ms[:, None]), u)
-        if top is not None:
-            k_on, _, _, p_on, min_p = _filter_params(t, V)
-            filtered = ~greedy & (k_on | p_on | (min_p > 0))
-            ftok, exact, zk, kth, k_inside = _sample_candidates(
-                top[0] * inv_t[:, None], top[1], ms, z, u, t, V)
-            done = exact | ~filtered    # rows not done restart from their unfiltered draw
-            tokens = jnp.where(filtered & exact, ftok, tokens)
-            tokens = lax.cond(jnp.all(done), lambda: tokens, lambda: _sample_exact(
-                pen * inv_t[:, None], ms, t, tokens, done, zk, kth, k_inside, greedy_tok))
-        tokens = jnp.where(greedy, greedy_tok, tokens)
-
+    tokens = lax.cond(jnp.all(greedy), lambda: greedy_tok,
+                      lambda: _sample_rows(pen, m_pen, greedy, greedy_tok, temp, t))
     tokens = tokens.astype(jnp.int32)
     lp = jnp.take_along_axis(logits, tokens[:, None], 1)[:, 0] - lse
     top_ids = top_lp = None
     if K:
-        if top is not None and not mode.use_penalties and K <= top[0].shape[1]:
-            tv, top_ids = top[0][:, :K], top[1][:, :K]
-        else:
-            tv, top_ids = _top_k(logits, K)
+        tv, top_ids = _top_k(logits, K)
         top_lp = tv - lse[:, None]
     return SamplerOutput(tokens, lp, top_ids, top_lp)

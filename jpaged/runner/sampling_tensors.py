@@ -1,6 +1,6 @@
 """What the sampler reads and returns: per-row sampling parameters (built here on the host,
-as numpy arrays padded to the step's rows), the static mode that picks the compiled
-sampler variant, and the sampled tokens with their logprobs."""
+as numpy arrays padded to the sampler's rows), the static mode that picks the compiled
+sampler variant, how many rows it runs at, and the sampled tokens with their logprobs."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -28,10 +28,9 @@ class SamplingTensors(NamedTuple):
 
 
 class SamplerMode(NamedTuple):
-    all_greedy: bool
-    use_filters: bool
-    use_penalties: bool
-    num_logprobs: int
+    """What changes the sampler's shapes; greedy, sampled and filtered rows are all run-time."""
+    use_penalties: bool  # [B, V] penalty tensors (penalties, or rows short of min_tokens)
+    num_logprobs: int    # top logprobs returned per row (0: only the sampled token's)
 
 
 class SamplerOutput(NamedTuple):
@@ -45,10 +44,34 @@ def sampler_mode(params: list[SamplingParams], in_min_tokens: bool, max_logprobs
     """The compiled sampler variant a batch of requests needs. `in_min_tokens`: some row is
     still short of its min_tokens (EOS and stop tokens banned: the penalty path)."""
     want = any(p.logprobs for p in params)  # logprobs=0: only the sampled token's
-    return SamplerMode(all_greedy=all(p.greedy for p in params),
-                       use_filters=any(p.uses_filters and not p.greedy for p in params),
-                       use_penalties=any(p.uses_penalties for p in params) or in_min_tokens,
+    return SamplerMode(use_penalties=any(p.uses_penalties for p in params) or in_min_tokens,
                        num_logprobs=max_logprobs if want else 0)
+
+
+def sampler_modes(max_logprobs: int) -> list[SamplerMode]:
+    """Every mode a request can need."""
+    return [SamplerMode(pen, lp) for pen in (False, True) for lp in (0, max_logprobs)]
+
+
+def sampler_rows(num_rows: int, mode: SamplerMode, max_rows: int) -> int:
+    """Rows the sampler runs at for a step of `num_rows` (the step's logits padded to them):
+    1, else powers of two from 8 up to `max_rows` (the most a step has), so that a handful
+    of sampler executables serve every step bucket (each compiles in ~2 s). Penalties and
+    logprobs, rarer, run at 8 or `max_rows` rows."""
+    rare = mode.use_penalties or mode.num_logprobs
+    if num_rows <= 1 and not rare:
+        return 1
+    if num_rows <= 8:
+        return min(8, max_rows)
+    if rare:
+        return max_rows
+    return min(1 << (num_rows - 1).bit_length(), max_rows)
+
+
+def batch_sampler_mode(batch: SchedulerOutput, max_logprobs: int) -> SamplerMode:
+    """The mode a scheduled batch needs (`sampler_mode` of its requests)."""
+    in_min_tokens = any(seq.num_output_tokens < seq.request.params.min_tokens for seq in batch.seqs)
+    return sampler_mode([s.request.params for s in batch.seqs], in_min_tokens, max_logprobs)
 
 
 def dummy_sampling_tensors(num_rows: int, vocab_size: int, mode: SamplerMode) -> SamplingTensors:
@@ -66,8 +89,8 @@ def dummy_sampling_tensors(num_rows: int, vocab_size: int, mode: SamplerMode) ->
 
 
 def build_sampling_tensors(batch: SchedulerOutput, num_rows: int, vocab_size: int,
-                           max_logprobs: int, eos_token_ids=()) -> tuple[SamplingTensors, SamplerMode]:
-    """Per-row sampling parameters (numpy, padded to `num_rows`) and the static mode."""
+                           mode: SamplerMode, eos_token_ids=()) -> SamplingTensors:
+    """Per-row sampling parameters (numpy, padded to `num_rows`) for `mode`."""
     temperature = np.zeros(num_rows, np.float32)
     top_k = np.zeros(num_rows, np.int32)
     top_p = np.ones(num_rows, np.float32)
@@ -81,7 +104,6 @@ def build_sampling_tensors(batch: SchedulerOutput, num_rows: int, vocab_size: in
     # Before min_tokens, EOS and stop tokens are banned: a [B, V] mask, so the penalty path.
     min_tokens_rows = [b for b, (seq, p) in enumerate(zip(batch.seqs, params))
                        if seq.num_output_tokens < p.min_tokens]
-    mode = sampler_mode(params, bool(min_tokens_rows), max_logprobs)
     use_penalties = mode.use_penalties
     counts = np.zeros((num_rows, vocab_size), np.float32) if use_penalties else None
     prompt_mask = np.zeros((num_rows, vocab_size), np.bool_) if use_penalties else None
@@ -101,4 +123,4 @@ def build_sampling_tensors(batch: SchedulerOutput, num_rows: int, vocab_size: in
             np.add.at(counts[b], np.asarray(seq.output_token_ids, np.int64), 1.0)
             prompt_mask[b, seq.token_ids[:seq.num_prompt_tokens]] = True
     return SamplingTensors(temperature, top_k, top_p, min_p, rep, presence, frequency, seed, step,
-                           counts, prompt_mask, banned), mode
+                           counts, prompt_mask, banned)

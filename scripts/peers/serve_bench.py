@@ -1,15 +1,23 @@
 """One server, jpaged's or vLLM's CPU build, under vLLM's own serving benchmark client.
 
-    python scripts/peers/serve_bench.py --server vllm --request-rate 4 --json
-    python scripts/peers/serve_bench.py --server jpaged --request-rate 4 --json [--warmup]
+    python scripts/peers/serve_bench.py --server vllm --rates 1,2,4,8,inf --repeat 3 --json
+    python scripts/peers/serve_bench.py --server jpaged --rates 1,2,4,8,inf --repeat 3 --json
+    python scripts/peers/serve_bench.py --server jpaged --dataset sharegpt_short_64 --rates 1,2,inf
 
 Starts the server (vLLM's `vllm.entrypoints.openai.api_server` in its venv, with the
-environment `vllm_cpu.py` gives it; or `jpaged serve` in this Python), times it until
-`/v1/models` answers (`ready_s`), then runs `vllm.benchmarks.serve` (the code of `vllm bench
-serve`; the `vllm` command itself does not start in the `vllm-cpu` distribution) from vLLM's
-venv against it: the random dataset, INPUT prompt + OUTPUT output tokens, NUM requests at
-RATE requests/s with Poisson arrivals, ignore_eos. Prints the client's figures (output
-tokens/s, TTFT, TPOT, inter-token latency: mean, median, p99) and stops the server.
+environment `vllm_cpu.py` gives it; or `jpaged serve` in this Python, which warms up by
+default), times it until it is ready (`ready_s`: vLLM's `/health`, which answers once its
+engine is up; jpaged's `/ready`, which answers once warm-up is done), then runs
+`vllm.benchmarks.serve` (the code of `vllm bench serve`; the `vllm` command itself does not
+start in the `vllm-cpu` distribution) from vLLM's venv against it, `--repeat` times per
+request rate (Poisson arrivals, ignore_eos, each run its own prompts so no run is served
+from another's prefix cache), and prints the median of each figure per rate: output
+tokens/s, TTFT, TPOT and inter-token latency (mean, median, p99).
+
+Datasets: `random` (vLLM's: INPUT random prompt tokens, OUTPUT output tokens, NUM
+requests) or a jpaged workload name (`sharegpt_short_64`): its prompts, decoded to text
+with the model's tokenizer, and its per-request output lengths, through vLLM's `custom`
+dataset (no chat template).
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import json
 import os
 import pathlib
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +34,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from vllm_cpu import PEERS, vllm_env  # noqa: E402
+from vllm_cpu import PEERS, vllm_env, workload_file  # noqa: E402
 
 CLIENT = ("import sys\nfrom vllm.utils.argparse_utils import FlexibleArgumentParser\n"
           "from vllm.benchmarks.serve import add_cli_args, main\n"
@@ -35,19 +44,33 @@ KEYS = ("completed", "duration", "output_throughput", "request_throughput", "mea
         "mean_itl_ms", "p99_itl_ms")
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
+def wait_ready(url: str, path: str, proc: subprocess.Popen, timeout: float) -> float:
     start = time.time()
     while time.time() - start < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+            with urllib.request.urlopen(url + path, timeout=5) as r:
                 if r.status == 200:
                     return time.time() - start
         except OSError:
             pass
-        time.sleep(0.5)
-    raise TimeoutError(f"no answer from {url} in {timeout:.0f} s")
+        time.sleep(0.25)
+    raise TimeoutError(f"no answer from {url}{path} in {timeout:.0f} s")
+
+
+def custom_dataset(name: str, tokenizer_dir: str, run: int, out: pathlib.Path) -> pathlib.Path:
+    """A jpaged workload as vLLM's custom dataset (JSONL of prompt text and output_tokens);
+    `run` marks every prompt's start so no run meets another's cached prefix."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    workload = json.loads(workload_file(name).read_text())
+    path = out / f"{name}-{run}.jsonl"
+    with path.open("w") as f:
+        for r in workload:
+            text = f"Run {run}. " + tok.decode(r["prompt_token_ids"], skip_special_tokens=True)
+            f.write(json.dumps({"prompt": text, "output_tokens": r["max_tokens"]}) + "\n")
+    return path
 
 
 def main() -> int:
@@ -58,14 +81,15 @@ def main() -> int:
                    help="vLLM's HF folder, also the client's tokenizer (vllm_cpu.py makes it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--port", type=int, default=8123)
-    p.add_argument("--request-rate", type=float, default=4.0)
+    p.add_argument("--dataset", default="random", help="random, or a jpaged workload name")
+    p.add_argument("--rates", default="4", help="request rates, comma-separated (inf: all at once)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per rate; the median is reported")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--warmup", action="store_true", help="jpaged: `jpaged serve --warmup`")
     p.add_argument("--server-args", default="", help="more flags for the server, one string")
     p.add_argument("--ready-timeout", type=float, default=900)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per rate")
     args = p.parse_args()
     venv = pathlib.Path(args.venv)
     name = "smollm2"
@@ -74,43 +98,57 @@ def main() -> int:
         cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
                "--model", args.model, "--served-model-name", name, "--dtype", args.dtype,
                "--port", str(args.port), "--max-model-len", "2048", *shlex.split(args.server_args)]
-        server_env = env
+        server_env, ready_path = env, "/health"
     else:
         cmd = [sys.executable, "-m", "jpaged", "serve", "--port", str(args.port),
                "--served-model-name", name, "--dtype", args.dtype, "--log-level", "warning",
-               *(["--warmup"] if args.warmup else []), *shlex.split(args.server_args)]
-        server_env = dict(os.environ)
+               *shlex.split(args.server_args)]
+        server_env, ready_path = dict(os.environ), "/ready"
     url = f"http://127.0.0.1:{args.port}"
     log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-{args.server}-", suffix=".log", delete=False)
     server = subprocess.Popen(cmd, env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    rows, run = [], 0
     try:
-        ready_s = wait_ready(url, server, args.ready_timeout)
+        ready_s = wait_ready(url, ready_path, server, args.ready_timeout)
         with tempfile.TemporaryDirectory() as out:
-            client = [str(venv / "bin" / "python"), "-c", CLIENT, "--backend", "openai",
-                      "--base-url", url, "--endpoint", "/v1/completions", "--model", name,
-                      "--tokenizer", args.model, "--dataset-name", "random",
-                      "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-                      "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate),
-                      "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl",
-                      "--metric-percentiles", "50,99", "--save-result", "--result-dir", out,
-                      "--result-filename", "result.json"]
-            subprocess.run(client, env=env, check=True, stdout=subprocess.DEVNULL)
-            result = json.loads(pathlib.Path(out, "result.json").read_text())
+            for rate in args.rates.split(","):
+                results = []
+                for _ in range(args.repeat):
+                    run += 1
+                    if args.dataset == "random":
+                        data = ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+                                "--random-output-len", str(args.output_len)]
+                    else:
+                        path = custom_dataset(args.dataset, args.model, run, pathlib.Path(out))
+                        data = ["--dataset-name", "custom", "--dataset-path", str(path),
+                                "--custom-output-len", "-1", "--skip-chat-template"]
+                    client = [str(venv / "bin" / "python"), "-c", CLIENT, "--backend", "openai",
+                              "--base-url", url, "--endpoint", "/v1/completions", "--model", name,
+                              "--tokenizer", args.model, *data, "--num-prompts", str(args.num_prompts),
+                              "--request-rate", rate, "--ignore-eos", "--seed", str(run),
+                              "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+                              "--save-result", "--result-dir", out, "--result-filename", "result.json"]
+                    subprocess.run(client, env=env, check=True, stdout=subprocess.DEVNULL)
+                    results.append(json.loads(pathlib.Path(out, "result.json").read_text()))
+                row = {"server": args.server, "dtype": args.dtype, "dataset": args.dataset,
+                       "server_args": args.server_args, "ready_s": ready_s, "request_rate": rate,
+                       "runs": len(results),
+                       **{k: statistics.median(r.get(k) or 0.0 for r in results) for k in KEYS}}
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    print(f"{args.server} rate {rate}: ready {ready_s:.1f} s, "
+                          f"{row['output_throughput']:.1f} out tok/s, TTFT mean "
+                          f"{row['mean_ttft_ms']:.0f} / p99 {row['p99_ttft_ms']:.0f} ms, TPOT mean "
+                          f"{row['mean_tpot_ms']:.0f} / p99 {row['p99_tpot_ms']:.0f} ms, ITL p99 "
+                          f"{row['p99_itl_ms']:.0f} ms (median of {len(results)})", flush=True)
     finally:
         server.terminate()
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-    row = {"server": args.server, "dtype": args.dtype, "warmup": args.warmup,
-           "server_args": args.server_args, "ready_s": ready_s,
-           "request_rate": args.request_rate, **{k: result.get(k) for k in KEYS}}
-    if args.json:
-        print(json.dumps(row))
-    else:
-        print(f"{args.server}: ready {ready_s:.1f} s, {row['output_throughput']:.1f} out tok/s, "
-              f"TTFT mean {row['mean_ttft_ms']:.0f} / p99 {row['p99_ttft_ms']:.0f} ms, "
-              f"TPOT mean {row['mean_tpot_ms']:.0f} ms, ITL p99 {row['p99_itl_ms']:.0f} ms")
     return 0
 
 

@@ -268,15 +268,16 @@ def test_deviceless_engine_step(gpu, model, kind, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("gpu", sorted(GPUS))
 def test_deviceless_engine_step_sampling_modes(gpu):
-    """Decode of 256 sequences with every sampler path compiled in (filters,
-    penalties over the vocabulary, logprobs), 7B shapes: still no pool copy."""
+    """The sampler for 256 rows with every path compiled in (filters, penalties over the
+    vocabulary, logprobs), 7B's vocabulary: its temporaries stay a few [rows, vocab]
+    arrays, small beside a pool."""
     _deviceless_sharding(gpu)
-    bucket = step.Bucket.decode(256, max_model_len=MAX_MODEL_LEN, num_blocks=4096)
-    mode = SamplerMode(all_greedy=False, use_filters=True, use_penalties=True, num_logprobs=20)
-    compiled = step.compile_step(step.LLAMA2_7B, bucket, gpu, mode=mode)
-    assert DECODE_NAME in compiled.as_text()
-    mem = compiled.memory_analysis()
-    assert mem.temp_size_in_bytes < step.pool_bytes(step.LLAMA2_7B, bucket) / 20
+    mode = SamplerMode(use_penalties=True, num_logprobs=20)
+    compiled = step.compile_sampler(step.LLAMA2_7B.vocab_size, 256, gpu, mode=mode)
+    text = compiled.as_text()
+    assert "while" in text  # the exact filter path's rejection rounds
+    logits_bytes = 256 * step.LLAMA2_7B.vocab_size * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < 16 * logits_bytes
 
 
 def test_loop_corrected_cost_counts_trip_counts():

@@ -39,6 +39,29 @@ def test_prefill_is_chunked_within_the_token_budget():
     assert batch.seqs == [long, short] and batch.num_new_tokens == [1, 1]
 
 
+@pytest.mark.parametrize("num_decode,prompts,want", [
+    (10, [128], [118]),          # 138 tokens would run a 256-token step: 128 instead
+    (10, [128, 128], [128, 118]),  # 266 -> 256
+    (0, [128] * 5, [128] * 4),   # 640 -> 512; the fifth prompt waits a step
+    (120, [20], [20]),           # cutting to 128 would keep fewer than half: a 256 step
+    (10, [200], [200]),          # 210 is far past 128: no cut
+    (10, [118], [118]),          # exactly a bucket
+])
+def test_prefill_is_cut_back_to_a_token_bucket(num_decode, prompts, want):
+    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4)
+    sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[16, 32, 64, 128, 256, 512, 1024, 2048])
+    running = [_seq(3, f"d{i}") for i in range(num_decode)]
+    for seq in running:
+        sched.add(seq)
+    while running and any(s.num_uncomputed_tokens > 1 for s in running):
+        _run_step(sched.schedule())  # the seed prompts, themselves cut to buckets
+    for i, n in enumerate(prompts):
+        sched.add(_seq(n, f"p{i}"))
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [1] * num_decode + want
+    assert Scheduler(cfg, BlockManager(2000, 4)).token_buckets == []  # no buckets: no cut
+
+
 def test_decodes_ride_along_with_a_new_prompt_in_one_mixed_step():
     cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
     sched = Scheduler(cfg, BlockManager(100, 4))

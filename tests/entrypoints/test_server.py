@@ -6,10 +6,12 @@ serves text); greedy text is checked against `LLM.generate` on the default model
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import json
 import pathlib
 import socket
+import threading
 import time
 
 import httpx
@@ -30,7 +32,7 @@ def test_greedy_text_equals_llm_generate():
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     want_text = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     want_chat = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
-    with start_server(llm) as h:  # the server owns the same engine from here on
+    with start_server(llm, warmup=False) as h:  # the server owns the same engine from here on
         c = openai.OpenAI(base_url=h.url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["SmolLM2-135M-Instruct"]
         r = c.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=24,
@@ -291,6 +293,37 @@ def test_tokenize_detokenize_models_health(tiny_server, client):
     assert [m.id for m in models] == ["tiny"] and models[0].max_model_len == 128
     assert httpx.get(url + "/health").status_code == 200
     assert "/v1/completions" in httpx.get(url + "/openapi.json").json()["paths"]
+
+
+def test_ready_waits_for_warmup_health_does_not(tiny_text_model):
+    """During warm-up /health says the engine lives (200) and /ready says 503; a request sent
+    meanwhile waits and is then served; /ready turns 200 once every executable is built, and
+    the tiny server's warm-up left nothing for requests to compile."""
+    from helpers import TINY_SERVER_ARGS
+    from jpaged import LLM
+    from jpaged.entrypoints.openai.api_server import create_app
+    from jpaged.entrypoints.openai.launcher import ServerHandle
+    from jpaged.engine.async_engine import AsyncEngine
+    llm = LLM(tiny_text_model, **TINY_SERVER_ARGS)
+    gate, warmup = threading.Event(), llm.warmup
+    llm.warmup = lambda **kw: (gate.wait(60), warmup(**kw))[1]
+    engine = AsyncEngine(llm, warmup=True)
+    with ServerHandle(create_app(engine, "tiny"), engine) as h:
+        assert httpx.get(h.url + "/health").status_code == 200
+        r = httpx.get(h.url + "/ready")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_warming_up"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            early = pool.submit(httpx.post, h.url + "/v1/completions", timeout=120, json={
+                "model": "tiny", "prompt": "early", "max_tokens": 3, "temperature": 0.5,
+                "top_p": 0.9, "logprobs": 2, "ignore_eos": True})
+            time.sleep(0.5)
+            assert not early.done()
+            gate.set()
+            assert early.result().status_code == 200
+            assert early.result().json()["usage"]["completion_tokens"] == 3
+        assert engine.ready.is_set() and httpx.get(h.url + "/ready").status_code == 200
+        assert engine.warmup_s is not None
+        assert len(llm.runner.executables) == len(llm.runner.executables_needed())
 
 
 # ---- soak (briefly; scripts/soak.py runs the full 1,000) -------------------------------------

@@ -26,12 +26,10 @@ def test_step_never_copies_the_pool(tmp_path, backend, dtype):
     llm = _tiny_llm(tmp_path, kv_cache_memory=256 << 20, attention_backend=backend, dtype=dtype)
     assert llm.runner.backend.name == backend
     assert jax.tree_util.tree_leaves(llm.runner.kv_pool)[0].dtype == dtype
-    from jpaged.runner.sampling_tensors import sampler_mode
-    mode = sampler_mode([SamplingParams(temperature=0.0)], False, 20)
     pool = llm.runner.pool_bytes
     assert pool > 200 << 20
     for shape in [(8, 8, 1, 8), (64, 4, 32, 8)]:  # a decode bucket and a prefill bucket
-        mem = llm.runner.step_memory_analysis(shape, mode)
+        mem = llm.runner.step_memory_analysis(shape)
         # A copying step needs a pool-sized temporary; an in-place one a few MiB.
         assert mem.temp_size_in_bytes < pool // 20, (shape, mem.temp_size_in_bytes, pool)
         assert mem.alias_size_in_bytes >= pool  # and the donated pool is the output
@@ -43,10 +41,20 @@ def test_no_compilation_after_warmup(tmp_path):
     before = llm.num_compilations()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, int(n)).tolist() for n in rng.integers(1, 100, 12)]
-    params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True)
-              for m in rng.integers(1, 28, 12)]
+    # Every sampler path a request can take: greedy, sampled, filtered, penalized, logprobs,
+    # min_tokens (a ban mask), several samples; mixed in one batch and alone.
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, seed=1), dict(temperature=1.0, top_p=0.5),
+             dict(temperature=0.7, top_k=3, min_p=0.1), dict(temperature=0.0, repetition_penalty=1.2),
+             dict(temperature=0.9, presence_penalty=0.5, logprobs=2), dict(temperature=0.0, logprobs=0),
+             dict(temperature=0.0, min_tokens=2), dict(temperature=1.0, n=2),
+             dict(temperature=0.0, frequency_penalty=0.3, logprobs=5), dict(temperature=0.6),
+             dict(temperature=0.0)]
+    params = [SamplingParams(max_tokens=int(m), ignore_eos=True, **kinds[i % len(kinds)])
+              for i, m in enumerate(rng.integers(1, 28, 12))]
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    for prompt, p in zip(prompts[:4], params[4:8]):  # alone: single-row steps
+        llm.generate([prompt], p, use_tqdm=False)
     assert llm.num_compilations() == before
 
 
@@ -166,3 +174,33 @@ def test_stack_and_unstack_layers_round_trip():
             np.testing.assert_array_equal(leaf, want)
     assert stack_layers(stacked, 3) is stacked and unstack_layers(params, 3) is params
 
+
+
+def test_executables_saved_then_loaded_on_restart(tmp_path):
+    """Warm-up saves every executable under the compilation cache dir; a second engine over
+    the same model loads them all (compiling none) and generates the same tokens; another
+    pool size (an argument shape the keys do not name) gets a folder of its own."""
+    cache = tmp_path / "cache"
+    model = tmp_path / "model"
+    model.mkdir()
+    first = _tiny_llm(model, compilation_cache_dir=str(cache))
+    first.warmup(use_tqdm=False)
+    needed = len(first.runner.executables_needed())
+    table = first.runner.executables
+    assert table.num_loaded == 0 and len(list(table.directory.glob("*.exe"))) == needed
+    params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.8, seed=3, max_tokens=6, logprobs=2)]
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    want = [o.outputs[0].token_ids for o in first.generate(prompts, params, use_tqdm=False)]
+    del first
+
+    second = _tiny_llm(model, compilation_cache_dir=str(cache))
+    before = second.num_compilations()
+    second.warmup(use_tqdm=False)
+    assert second.runner.executables.num_loaded == needed
+    assert second.num_compilations() - before == needed  # loaded, each counted once
+    assert [o.outputs[0].token_ids for o in second.generate(prompts, params, use_tqdm=False)] == want
+    assert second.num_compilations() - before == needed
+
+    other = _tiny_llm(model, compilation_cache_dir=str(cache), kv_cache_memory=16 << 20)
+    assert other.runner.executables.directory != second.runner.executables.directory

@@ -15,7 +15,7 @@ from jpaged.runner import sampler
 from jpaged.runner.sampler import sample
 from jpaged.runner.sampling_tensors import SamplerMode, SamplingTensors
 
-FULL = SamplerMode(all_greedy=False, use_filters=True, use_penalties=True, num_logprobs=4)
+FULL = SamplerMode(use_penalties=True, num_logprobs=4)
 
 
 def _run(logits, t, mode, cfg):
@@ -78,7 +78,7 @@ def test_greedy_is_argmax_and_logprobs_are_raw():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((B, V)).astype(np.float32) * 3
     logits[1, [5, 200]] = 50.0  # tie: first index wins
-    out = run(jnp.asarray(logits), tensors(B, V), SamplerMode(True, False, False, 4), CFG)
+    out = run(jnp.asarray(logits), tensors(B, V), SamplerMode(False, 4), CFG)
     np.testing.assert_array_equal(out.token_ids, np.argmax(logits, -1))
     x = logits.astype(np.float64)
     ref = x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
@@ -96,7 +96,7 @@ def test_temperature_distribution_matches_softmax(filt):
     needs the radix select) and the unfiltered two-level draw match the filtered softmax."""
     n, T, R = 40, 0.7, 1024
     logits = np.linspace(-2.0, 2.0, n).astype(np.float32)[np.random.default_rng(0).permutation(n)]
-    mode = SamplerMode(False, True, False, 0)
+    mode = SamplerMode(False, 0)
     draws = np.concatenate([np.asarray(run(jnp.asarray(np.tile(logits, (R, 1))),
                                            tensors(R, n, T, step=step, **filt), mode, (4, 16)).token_ids)
                             for step in range(4)])
@@ -136,7 +136,7 @@ def test_filters_never_return_filtered_tokens(rows, seed, scale, ties, cfg):
     logits[rng.random((B, V)) < 0.05] = -np.inf
     cols = {k: [r[k] for r in rows] for k in rows[0]}
     out = run(jnp.asarray(logits), tensors(B, V, seed=rng.integers(0, 2**32, B), **cols),
-              SamplerMode(False, True, False, 0), cfg)
+              SamplerMode(False, 0), cfg)
     tok = np.asarray(out.token_ids)
     for b, r in enumerate(rows):
         if r["temperature"] == 0:
@@ -171,14 +171,14 @@ def test_same_seed_same_token_anywhere():
     reqs = [dict(top_k=0, top_p=1.0), dict(top_k=3, top_p=0.9), dict(top_k=0, top_p=0.95)]
     req_logits = rng.standard_normal((3, V)).astype(np.float32)
     seen = [set() for _ in reqs]
-    for trial, mode in enumerate([SamplerMode(False, False, False, 0), FULL, FULL,
-                                  SamplerMode(False, True, False, 0)]):
-        n = 1 if not mode.use_filters else 3
+    for trial, (mode, filters) in enumerate([(SamplerMode(False, 0), False), (FULL, True),
+                                             (FULL, True), (SamplerMode(False, 0), True)]):
+        n = 1 if not filters else 3
         rows = rng.permutation(B)[:n]
         logits = rng.standard_normal((B, V)).astype(np.float32)
         cols = dict(temperature=rng.uniform(0.5, 1.5, B), top_k=np.zeros(B, int), top_p=np.ones(B),
                     seed=rng.integers(0, 2**32, B), step=rng.integers(0, 9, B))
-        if mode.use_filters:
+        if filters:
             cols["top_k"], cols["top_p"] = rng.integers(0, 30, B), rng.uniform(0.3, 1.0, B)
         for i, r in enumerate(rows):
             logits[r] = req_logits[i]

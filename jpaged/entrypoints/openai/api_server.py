@@ -2,8 +2,8 @@
 error handlers and its OpenAPI document.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming with server-sent
-events ending in `data: [DONE]`), GET /v1/models, /health, /metrics (Prometheus), POST
-/tokenize and /detokenize. Errors are 4xx/5xx with OpenAI's body `{"error": {"message",
+events ending in `data: [DONE]`), GET /v1/models, /health (liveness), /ready (503 until
+warm-up is done), /metrics (Prometheus), POST /tokenize and /detokenize. Errors are 4xx/5xx with OpenAI's body `{"error": {"message",
 "type", "param", "code"}}`. `launcher.py` runs it (`jpaged.start_server`, `jpaged.serve`).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jpaged.engine.async_engine import AsyncEngine
 from jpaged.engine.input_processor import ProcessedPrompt
-from jpaged.exceptions import EngineDeadError, InvalidRequestError, JpagedError
+from jpaged.exceptions import EngineDeadError, EngineNotReadyError, InvalidRequestError, JpagedError
 from jpaged.version import __version__
 
 from . import formatters as F
@@ -98,9 +98,19 @@ def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = 
 
     @app.get("/health", responses={503: _ERRORS[503]})
     async def health() -> dict[str, str]:
+        """Liveness: the engine runs (warming up or serving)."""
         if not engine.alive:
             raise EngineDeadError("the engine has stopped")
         return {"status": "ok"}
+
+    @app.get("/ready", responses={503: _ERRORS[503]})
+    async def ready() -> dict[str, str]:
+        """Readiness: warm-up is done, so no request waits for a compilation."""
+        if not engine.alive:
+            raise EngineDeadError("the engine has stopped")
+        if not engine.ready.is_set():
+            raise EngineNotReadyError("the engine is compiling its executables (warm-up)")
+        return {"status": "ready"}
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})

@@ -23,8 +23,9 @@ class ServerConfig:
     max_n: int = config_field(16, "largest n / best_of a request may ask for")
     max_request_bytes: int = config_field(4 << 20, "largest request body; takes units (4MiB) "
                                                    "[default: 4MiB]", unit="bytes")
-    warmup: bool = config_field(False, "compile every step shape before serving (greedy sampling); "
-                                       "slow once, then served from the persistent compilation cache")
+    warmup: bool = config_field(True, "compile every executable a request can need (each step "
+                                      "bucket, every sampler mode) before /ready answers 200; "
+                                      "a restart loads them from disk")
     log_level: str = config_field("info", "uvicorn's and jpaged's log level", choices=LOG_LEVELS)
 
     def __post_init__(self):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from jpaged.exceptions import (AuthenticationError, EngineDeadError, EngineStepError,
-                               InvalidRequestError, ModelNotFoundError, RequestTooLargeError)
+from jpaged.exceptions import (AuthenticationError, EngineDeadError, EngineNotReadyError,
+                               EngineStepError, InvalidRequestError, ModelNotFoundError,
+                               RequestTooLargeError)
 
 # (exception type, HTTP status, OpenAI error type, default code); the first match wins.
 ERROR_STATUS = [
@@ -15,6 +16,7 @@ ERROR_STATUS = [
     (AuthenticationError, 401, "invalid_request_error", "invalid_api_key"),
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (EngineDeadError, 503, "server_error", "engine_dead"),
+    (EngineNotReadyError, 503, "server_error", "engine_warming_up"),
     (EngineStepError, 500, "server_error", None),
 ]
 

@@ -84,15 +84,17 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
                  served_model_name: str | list[str] | None = None, api_key: str | None = None,
                  max_n: int = ServerConfig.max_n,
                  max_request_bytes: int = ServerConfig.max_request_bytes,
-                 log_level: str = "warning", warmup: bool = False, params=None, tokenizer=None,
+                 log_level: str = "warning", warmup: bool = ServerConfig.warmup, params=None,
+                 tokenizer=None,
                  **engine_args) -> ServerHandle:
     """Load the model, start the engine and uvicorn in background threads, and return once
     the server accepts connections: `with start_server(port=0) as h: ... h.url ...`.
     `model`: a path, None for the embedded default, an in-memory Flax model (with `params=`
     and `tokenizer=`) or an `LLM` (an EngineCore), which the server then owns;
-    `engine_args`: EngineConfig fields; the rest: `ServerConfig` fields. `warmup`: compile
-    every step shape first (greedy sampling; `LLM.warmup`), so no request waits for a
-    compilation. `port=0` picks a free port. To serve another app (say with an API key)
+    `engine_args`: EngineConfig fields; the rest: `ServerConfig` fields. `warmup` (default):
+    the engine thread first compiles, or loads from disk, every executable a request can
+    need (`LLM.warmup`), so no request waits for a compilation; the server answers meanwhile
+    (`/health` 200, `/ready` 503, requests queue). `port=0` picks a free port. To serve another app (say with an API key)
     over the same engine: `ServerHandle(create_app(h.engine, api_key=KEY), h.engine,
     own_engine=False)`."""
     server = ServerConfig(host=host, port=port, served_model_name=served_model_name,
@@ -103,10 +105,7 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
     else:
         from jpaged.entrypoints.llm import LLM
         core = LLM(model, params=params, tokenizer=tokenizer, **engine_args)
-    if server.warmup:
-        logger.warning("compiled %d step shapes in %.0f s", len(core.runner.input_builder.step_buckets()),
-                       core.warmup(use_tqdm=server.log_level in ("info", "debug")))
-    engine = AsyncEngine(core)
+    engine = AsyncEngine(core, warmup=server.warmup)
     try:
         app = create_app(engine, server.served_model_name or default_model_name(model),
                          api_key=server.api_key, max_n=server.max_n,
