@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from jpaged.arg_utils import add_dataclass_flags, add_engine_flags, collect
 from jpaged.entrypoints.openai.config import ServerConfig
@@ -16,6 +17,11 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from jpaged.entrypoints.openai.launcher import serve
+    from jpaged.exceptions import EngineDeadError
     server = collect(args, "server.", {"api_key": os.environ.get("JPAGED_API_KEY")})
-    serve(args.model, **server, **collect(args, "engine."))
+    try:
+        serve(args.model, **server, **collect(args, "engine."))
+    except EngineDeadError as e:
+        print(f"jpaged serve: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -61,6 +61,15 @@ def copy_blocks(pool, src, dst, axis: int):
     return _copy(pool, _padded(src, 0), _padded(dst, 0), np.int32(len(dst)), axis=axis)
 
 
+def warm_copies(pool, max_pairs: int, axis: int):
+    """Compile `copy_blocks` for every padded length up to `max_pairs` (a step copies at most
+    one block per sequence) by running each with a count of 0, which writes nothing."""
+    for n in sorted({next_power_of_2(k, 8) for k in range(1, max_pairs + 1)}):
+        ids = np.zeros(n, np.int32)
+        pool = _copy(pool, ids, ids, np.int32(0), axis=axis)
+    return pool
+
+
 def gather_blocks(pool, blocks, axis: int) -> tuple[np.ndarray, ...]:
     """Host (numpy) copies of `blocks` of each pool, in order."""
     out = jax.device_get(_gather(pool, _padded(blocks, 0), axis=axis))

@@ -8,7 +8,7 @@ compiled explicitly, not through `jax.jit`'s own dispatch cache, so that:
 - compiles overlap with tracing: Python traces the next executable (holding the GIL)
   while XLA compiles the last one in a worker thread (it releases the GIL);
 - a restart loads them from disk: each is serialized under a fingerprint of everything
-  that shapes it (jax and jaxlib, jpaged's sources, the CPU, the model's config and
+  that shapes it (jax and jaxlib, the sources compiled into it, the CPU, the model's config and
   parameter shapes), so a warm start skips tracing as well as compiling. XLA's own
   persistent cache is then not used for them (an executable it hands back does not
   serialize whole); it still serves in-memory models, whose code is not in the
@@ -63,15 +63,26 @@ def _count() -> None:
         _num_built += 1
 
 
+# The packages whose code is compiled into the executables (the model, its attention and
+# kernels, the runner's step and sampler); the server's and the engine's code is not.
+COMPILED_PACKAGES = ("jpaged.runner", "jpaged.models", "jpaged.attention", "jpaged.ops",
+                     "jpaged.pallas_kernels", "jpaged.sampling_params", "jpaged.utils")
+
+
 def source_fingerprint() -> str:
-    """A hash of jpaged's sources (Python and C++), jax's versions and this CPU's features."""
+    """A hash of the sources compiled into executables (Python and C++; `models/` and
+    `pallas_kernels/` live outside `jpaged/` in a checkout), jax's versions and this CPU's
+    features."""
+    import importlib
     import jaxlib
     h = hashlib.sha256()
-    root = pathlib.Path(__file__).resolve().parent.parent
-    for path in sorted(root.rglob("*")):
-        if path.suffix in (".py", ".cc", ".h") and "__pycache__" not in path.parts:
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
+    for name in COMPILED_PACKAGES:
+        path = pathlib.Path(importlib.import_module(name).__file__).resolve()
+        files = sorted(path.parent.rglob("*")) if path.name == "__init__.py" else [path]
+        for f in files:
+            if f.suffix in (".py", ".cc", ".h") and "__pycache__" not in f.parts:
+                h.update(f"{name}/{f.relative_to(path.parent)}".encode())
+                h.update(f.read_bytes())
     h.update(f"{jax.__version__} {jaxlib.__version__} {jax.default_backend()}".encode())
     h.update(" ".join(sorted({d.device_kind for d in jax.devices()})).encode())
     try:

@@ -170,10 +170,13 @@ class ModelRunner:
         return list(dict(items).items())  # once each
 
     def warmup(self, modes=None, workers: int = 2, progress=None) -> int:
-        """Compile (or load) every executable `executables_needed` lists, running none;
-        returns how many there are."""
+        """Compile (or load) every executable `executables_needed` lists, running none, and
+        the block-copy variants; returns how many executables there are."""
         items = self.executables_needed(modes)
         self.executables.build(items, workers, progress)
+        # Copy-on-write block copies (samples and beams sharing a last block), every length.
+        self.kv_pool = block_ops.warm_copies(self.kv_pool, self.input_builder.max_num_seqs,
+                                             self.backend.block_axis)
         return len(items)
 
     def lower(self, shape: tuple[int, int, int, int]):

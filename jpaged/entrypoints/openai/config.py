@@ -27,6 +27,9 @@ class ServerConfig:
                                       "bucket, every sampler mode) before /ready answers 200; "
                                       "a restart loads them from disk")
     log_level: str = config_field("info", "uvicorn's and jpaged's log level", choices=LOG_LEVELS)
+    shutdown_timeout: float = config_field(
+        30.0, "seconds SIGTERM or Ctrl-C waits for requests in flight to finish (no new "
+              "connection is accepted meanwhile) before aborting what is left")
 
     def __post_init__(self):
         if isinstance(self.served_model_name, str):
@@ -36,5 +39,7 @@ class ServerConfig:
         for name in ("max_n", "max_request_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.shutdown_timeout, (int, float)) or self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")

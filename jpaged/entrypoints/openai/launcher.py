@@ -21,6 +21,7 @@ import time
 
 from jpaged.engine.async_engine import AsyncEngine
 from jpaged.engine.engine_core import EngineCore
+from jpaged.exceptions import EngineDeadError
 
 from .api_server import create_app
 from .config import DEFAULT_MODEL_NAME, ServerConfig
@@ -52,11 +53,15 @@ class ServerHandle:
     and `.shutdown()`, which stops uvicorn and then the engine (if it owns it)."""
 
     def __init__(self, app, engine, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning", own_engine: bool = True):
+                 log_level: str = "warning", own_engine: bool = True,
+                 shutdown_timeout: float = ServerConfig.shutdown_timeout):
         import uvicorn
         self.app, self.engine, self.own_engine = app, engine, own_engine
+        # Shutting down, uvicorn stops accepting connections and waits up to
+        # `shutdown_timeout` for the open ones (streams in flight) to finish.
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5, lifespan="off"))
+                                                    timeout_graceful_shutdown=shutdown_timeout,
+                                                    lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, name="jpaged-uvicorn", daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -67,7 +72,10 @@ class ServerHandle:
         self.host, self.port = host, self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://{host if ':' not in host else f'[{host}]'}:{self.port}"
 
-    def shutdown(self, timeout: float = 30.0) -> None:
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting connections, let those open finish (up to `shutdown_timeout`),
+        then stop the engine (aborting what is left) if this handle owns it."""
+        timeout = self.server.config.timeout_graceful_shutdown + 30 if timeout is None else timeout
         self.server.should_exit = True
         self.thread.join(timeout)
         if self.own_engine:
@@ -84,7 +92,8 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
                  served_model_name: str | list[str] | None = None, api_key: str | None = None,
                  max_n: int = ServerConfig.max_n,
                  max_request_bytes: int = ServerConfig.max_request_bytes,
-                 log_level: str = "warning", warmup: bool = ServerConfig.warmup, params=None,
+                 log_level: str = "warning", warmup: bool = ServerConfig.warmup,
+                 shutdown_timeout: float = ServerConfig.shutdown_timeout, params=None,
                  tokenizer=None,
                  **engine_args) -> ServerHandle:
     """Load the model, start the engine and uvicorn in background threads, and return once
@@ -99,7 +108,7 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
     own_engine=False)`."""
     server = ServerConfig(host=host, port=port, served_model_name=served_model_name,
                           api_key=api_key, max_n=max_n, max_request_bytes=max_request_bytes,
-                          warmup=warmup, log_level=log_level)
+                          warmup=warmup, log_level=log_level, shutdown_timeout=shutdown_timeout)
     if isinstance(model, EngineCore):
         core = model
     else:
@@ -110,7 +119,8 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
         app = create_app(engine, server.served_model_name or default_model_name(model),
                          api_key=server.api_key, max_n=server.max_n,
                          max_request_bytes=server.max_request_bytes)
-        return ServerHandle(app, engine, server.host, server.port, server.log_level)
+        return ServerHandle(app, engine, server.host, server.port, server.log_level,
+                            shutdown_timeout=server.shutdown_timeout)
     except BaseException:
         engine.shutdown()
         raise
@@ -118,17 +128,24 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
           **kwargs) -> None:
-    """Serve until Ctrl-C or SIGTERM (the arguments of `start_server`). In a thread, or for a
-    handle to stop it, use `start_server` instead."""
+    """Serve until Ctrl-C or SIGTERM, which drain the requests in flight (up to
+    `shutdown_timeout`) before stopping (the arguments of `start_server`). If the engine
+    dies, the server answers 503 meanwhile and this stops and raises `EngineDeadError`.
+    In a thread, or for a handle to stop it, use `start_server` instead."""
     handle = start_server(model, host, port, log_level=log_level, **kwargs)
     logger.warning("jpaged serving %s at %s/v1", handle.app.state.jpaged.names[0], handle.url)
     if threading.current_thread() is threading.main_thread():  # SIGTERM stops it as Ctrl-C does
         import signal
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        while handle.thread.is_alive():
-            handle.thread.join(0.5)
+        # Not thread.join(0.5): a join that SIGTERM's KeyboardInterrupt breaks leaves the
+        # thread marked stopped on Python 3.11, and the drain below would not wait for it.
+        while handle.thread.is_alive() and handle.engine.alive:
+            time.sleep(0.25)
     except KeyboardInterrupt:
-        pass
+        logger.warning("shutting down: finishing the requests in flight")
     finally:
         handle.shutdown()
+    if handle.engine.dead is not None:
+        logger.error("the engine died (%r); the server has stopped", handle.engine.dead)
+        raise EngineDeadError(f"the engine died: {handle.engine.dead!r}") from handle.engine.dead
