@@ -14,8 +14,8 @@ is drawn with the paper's length statistics (log-normal; ShareGPT prompts ~161
       --workload sharegpt_1000.json --json --out result.json
   python scripts/gpu/bench_engine.py --attention-backend xla   # the jnp backend, to compare
 
-The warm-up (default 'full') compiles every step shape the timed run needs
-first; the JSON's 'compilations' should then read 0. Compare the result with
+The warm-up (default --warmup) compiles every executable a request can need
+first (LLM.warmup); the JSON's 'compilations' should then read 0. Compare the result with
 `scripts/gpu/roofline.py` (the step time floor of the compiled program).
 """
 from __future__ import annotations

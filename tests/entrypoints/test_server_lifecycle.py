@@ -45,14 +45,15 @@ def _stream_tokens(url: str, max_tokens: int, started: threading.Event) -> tuple
     return tokens, done
 
 
-def test_sigterm_drains_streams_in_flight(tiny_text_model):
+def test_sigterm_drains_streams_in_flight(tiny_text_model, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_SERVER_ARGS.items()]
     proc = subprocess.Popen([sys.executable, "-m", "jpaged", "serve", "--model", tiny_text_model,
                              "--port", str(port), "--served-model-name", "tiny", "--no-warmup",
                              "--log-level", "warning", *flags],
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=subprocess.PIPE, text=True)
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)  # the installed package, not a checkout's jpaged/
     try:
         deadline = time.time() + 120
         while True:
