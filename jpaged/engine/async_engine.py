@@ -192,7 +192,7 @@ class AsyncEngine:
             if self._warmup:
                 self.warmup_s = core.warmup(use_tqdm=False)
                 logger.warning("compiled or loaded %d executables in %.1f s",
-                               len(core.runner.executables_needed()), self.warmup_s)
+                               len(core.runner.executables), self.warmup_s)
                 self._publish()
             self.ready.set()
             while True:

@@ -240,7 +240,7 @@ class EngineCore:
             def progress():
                 with lock:
                     bar.update()
-            self.runner.warmup(modes, workers, progress)
+            self.runner.warmup(items, workers, progress)
         return time.perf_counter() - start
 
     # ---- introspection --------------------------------------------------------------------

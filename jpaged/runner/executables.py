@@ -104,22 +104,17 @@ class ExecutableTable:
         if directory is not None and fingerprint is not None:
             self.directory = pathlib.Path(directory) / fingerprint[:32]
         self.num_loaded = 0
+        self._evicted = False  # older fingerprints' folders are removed at the first save
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._table
-
     def get(self, key: Hashable, lower: Lower):
         """The executable for `key`: from the table, from disk, or lowered and compiled now."""
-        exe = self._table.get(key)
+        exe = self._find(key)
         if exe is None:
-            exe = self._load(key)
-            if exe is None:
-                lowered, options = lower()
-                exe = self._compile(key, lowered, options)
-            self._table[key] = exe
+            exe = self._compile(key, *lower())
+        self._table[key] = exe
         return exe
 
     def build(self, items: Iterable[tuple[Hashable, Lower]], workers: int = 2,
@@ -129,19 +124,21 @@ class ExecutableTable:
         futures = {}
         with concurrent.futures.ThreadPoolExecutor(max(1, workers), "jpaged-compile") as pool:
             for key, lower in items:
-                if key in self._table or key in futures:
-                    progress and progress()
-                    continue
-                exe = self._load(key)
-                if exe is not None:
+                if key not in futures:
+                    exe = self._find(key)
+                    if exe is None:
+                        futures[key] = pool.submit(self._compile, key, *lower())
+                        futures[key].add_done_callback(lambda _: progress and progress())
+                        continue
                     self._table[key] = exe
-                    progress and progress()
-                    continue
-                lowered, options = lower()
-                futures[key] = pool.submit(self._compile, key, lowered, options)
-                futures[key].add_done_callback(lambda _: progress and progress())
+                progress and progress()
             for key, future in futures.items():
                 self._table[key] = future.result()
+
+    def _find(self, key: Hashable):
+        """The executable for `key` from the table or from disk; None if neither has it."""
+        exe = self._table.get(key)
+        return exe if exe is not None else self._load(key)
 
     # ---- compiling, saving, loading -----------------------------------------------------------
 
@@ -170,7 +167,9 @@ class ExecutableTable:
             tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(blob)
             os.replace(tmp, path)  # readers see a whole file or none
-            self._evict_old()
+            if not self._evicted:
+                self._evicted = True
+                self._evict_old()
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written is only slower
             logger.warning("could not save a compiled executable to %s: %r", self.directory, e)
 

@@ -170,10 +170,10 @@ class ModelRunner:
         items += [(("step", s), lambda s=s: self._lower_step(s)) for s in buckets]
         return list(dict(items).items())  # once each
 
-    def warmup(self, modes=None, workers: int = 2, progress=None) -> int:
-        """Compile (or load) every executable `executables_needed` lists, running none, and
-        the block-copy variants; returns how many executables there are."""
-        items = self.executables_needed(modes)
+    def warmup(self, items=None, workers: int = 2, progress=None) -> int:
+        """Compile (or load) `items` (default: every executable `executables_needed` lists),
+        running none, and the block-copy variants; returns how many executables there are."""
+        items = items if items is not None else self.executables_needed()
         self.executables.build(items, workers, progress)
         # Copy-on-write block copies (samples and beams sharing a last block), every length.
         self.kv_pool = block_ops.warm_copies(self.kv_pool, self.input_builder.max_num_seqs,
