@@ -157,8 +157,9 @@ def tiny_model_dir(root) -> str:
 
 
 def engine_state(handle):
-    """(requests in the engine, its KV stats), read on the engine thread."""
-    return handle.engine.call_sync(lambda core: (len(core.requests), core.kv_cache_stats()), timeout=60)
+    """(requests in the engine, its KV stats), read on the engine between steps."""
+    return (handle.engine.call_utility("num_unfinished_requests", timeout=60),
+            handle.engine.call_utility("kv_cache_stats", timeout=60))
 
 
 def wait_idle(handle, timeout: float = 30.0):

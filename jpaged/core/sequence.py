@@ -54,6 +54,9 @@ class Sequence:
     block_hashes: list[int] = dataclasses.field(default_factory=list)
     num_cached_blocks: int = 0
     host_block_table: list[int] = dataclasses.field(default_factory=list)  # while SWAPPED
+    # Output tokens and text characters already sent to a front end in another process.
+    sent_tokens: int = 0
+    sent_text: int = 0
 
     @property
     def num_tokens(self) -> int:

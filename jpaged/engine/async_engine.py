@@ -14,44 +14,29 @@ engine blocks on the command queue, so it uses no CPU between requests.
     async for out in engine.generate(prompt, SamplingParams(max_tokens=8)):
         print(out.outputs[0].text)            # cumulative text, as LLM.step gives it
     engine.shutdown()
+
+The consumer side (`generate`, `generate_many`) is `EngineClient`'s; `EngineCoreClient` is the
+same engine in a process of its own.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
+import copy
 import logging
 import queue
 import threading
 import time
-import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from jpaged.exceptions import EngineDeadError, EngineStepError
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
+from .engine_client import EngineClient, ModelInfo, _Stream, send_to_streams
+
 logger = logging.getLogger("jpaged.engine.async_engine")
 
 
-class _Stream:
-    """The consumer side of one request: an asyncio queue on the consumer's loop."""
-
-    __slots__ = ("loop", "queue", "request_id", "finished")
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
-        self.request_id = request_id
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-
-
-def _deliver(items: list[tuple[_Stream, Any]]) -> None:  # runs on the consumer's loop
-    for stream, item in items:
-        stream.queue.put_nowait(item)
-
-
-class AsyncEngine:
+class AsyncEngine(EngineClient):
     """Owns `core` (an EngineCore, such as an LLM) from now on: after construction, call
     its methods only through this."""
 
@@ -60,6 +45,10 @@ class AsyncEngine:
         (`EngineCore.warmup`); requests queued meanwhile run after it, and `ready` is set
         when it is done (at once without warm-up)."""
         self.core = core
+        # The engine thread detokenizes with core.tokenizer; the front end gets a copy.
+        self.info = ModelInfo(copy.deepcopy(core.tokenizer), core.model_config.vocab_size,
+                              core.max_model_len, core.config.max_logprobs, core.config.max_num_seqs,
+                              dict(core.generation_config), core.model_path, core.is_default_model)
         self.ready = threading.Event()
         self.warmup_s: float | None = None
         self._warmup = warmup
@@ -79,82 +68,8 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.dead is None
 
-    async def generate(self, prompt, params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue one request and yield its RequestOutputs as steps advance it; the last
-        one has `finished=True`. ValueError/TypeError from `LLM.add_request` (bad
-        prompt or params) is raised here before any output. Leaving early aborts."""
-        if not self.alive:
-            raise EngineDeadError(f"the engine has stopped: {self.dead!r}")
-        request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(request_id, asyncio.get_running_loop())
+    def _submit(self, stream: _Stream, prompt, params: SamplingParams) -> None:
         self._commands.put(("add", stream, prompt, params))
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    stream.finished = True
-                    raise item
-                if item.finished:
-                    stream.finished = True
-                yield item
-                if stream.finished:
-                    return
-        finally:
-            if not stream.finished:
-                self._commands.put(("abort", request_id))
-
-    async def generate_many(self, jobs, disconnected=None, on_finish=None, on_abort=None):
-        """Run several requests at once, each job `(prompt, params, request_id)`; yield
-        (job index, RequestOutput) as outputs come. Ends early (aborting what is left)
-        when the coroutine function `disconnected` returns, or when the consumer leaves.
-        `on_finish(arrival, first_token_time, RequestOutput)` is called per finished
-        job (times from time.monotonic()); `on_abort()` per aborted one."""
-        sink: asyncio.Queue = asyncio.Queue()
-        gone = object()
-
-        async def pump(i, prompt, params, request_id):
-            arrival, first, out = time.monotonic(), None, None
-            try:
-                async with contextlib.aclosing(self.generate(prompt, params, request_id)) as agen:
-                    async for out in agen:
-                        if first is None and any(c.token_ids for c in out.outputs):
-                            first = time.monotonic()
-                        sink.put_nowait((i, out))
-                if on_finish is not None and out is not None:
-                    on_finish(arrival, first, out)
-            except asyncio.CancelledError:
-                if on_abort is not None and not (out is not None and out.finished):
-                    on_abort()
-                raise
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                sink.put_nowait((i, e))
-                return
-            sink.put_nowait((i, None))
-
-        async def watch():
-            await disconnected()
-            sink.put_nowait((-1, gone))
-
-        tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
-        if disconnected is not None:
-            tasks.append(asyncio.create_task(watch()))
-        try:
-            remaining = len(jobs)
-            while remaining:
-                i, item = await sink.get()
-                if item is gone:
-                    return
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield i, item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -177,6 +92,9 @@ class AsyncEngine:
         if "error" in box:
             raise box["error"]
         return box.get("value")
+
+    def call_utility(self, method: str, *args, timeout: float | None = None) -> Any:
+        return self.call_sync(lambda core: getattr(core, method)(*args), timeout=timeout)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort everything, stop the thread and wait for it (a step in flight finishes)."""
@@ -216,7 +134,9 @@ class AsyncEngine:
             logger.exception("engine thread died")
             self.dead = e
         finally:
-            self._fail_all(self.dead or EngineDeadError("the engine was shut down"))
+            # a consumer gets EngineDeadError (a 503), never the thread's own BaseException
+            self._fail_all(EngineDeadError(f"the engine thread died: {self.dead!r}") if self.dead
+                           else EngineDeadError("the engine was shut down"))
             self._publish()
 
     def _drain(self, block: bool) -> bool:
@@ -278,16 +198,9 @@ class AsyncEngine:
         self._send(items)
 
     def _send(self, items: list[tuple[_Stream, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, item in items:
-            by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # that loop is closed: its consumers are gone
-                for stream, _ in batch:
-                    if self._streams.pop(stream.request_id, None) is not None:
-                        self.core.abort_request(stream.request_id)
+        for stream in send_to_streams(items):  # their consumers are gone
+            if self._streams.pop(stream.request_id, None) is not None:
+                self.core.abort_request(stream.request_id)
 
     def _step_failed(self, error: Exception) -> None:
         logger.exception("engine step failed; aborting the %d requests in flight",
@@ -308,13 +221,8 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         """A snapshot of the engine's state for other threads (metrics, health)."""
-        core = self.core
         try:
-            counts = core.num_requests()
-            snap = {"kv": core.kv_cache_stats(), "num_running": counts["running"],
-                    "num_waiting": counts["waiting"], "num_swapped": counts["swapped"],
-                    "num_requests": len(core.requests), "stats": dataclasses.replace(core.stats),
-                    "compilations": core.num_compilations(), "time": time.monotonic()}
+            snap = self.core.snapshot()
         except Exception:  # noqa: BLE001 - an engine mid-change must not kill the loop
             logger.exception("could not read the engine's stats")
             return

@@ -9,6 +9,7 @@ and the server's `AsyncEngine` drives it from a thread (docs/design.md, "One ste
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import threading
@@ -26,7 +27,7 @@ from jpaged.core.sequence import Request, Sequence
 from jpaged.exceptions import InvalidRequestError, InvalidRequestTypeError
 from jpaged.outputs import RequestOutput
 from jpaged.runner.kv_cache import plan_kv_cache
-from jpaged.runner.model_loader import load_model
+from jpaged.runner.model_loader import is_default_model, load_model
 from jpaged.runner.executables import ExecutableTable, source_fingerprint
 from jpaged.runner.model_runner import (ModelRunner, enable_compilation_cache, executables_dir,
                                         num_step_compilations)
@@ -60,6 +61,7 @@ class EngineCore:
                             scan_layers=config.scan_layers, attention_backend=config.attention_backend,
                             pack_weights=config.pack_weights)
         self.model_path = loaded.path  # the file or folder loaded (None: an in-memory model)
+        self.is_default_model = model is None or is_default_model(loaded.path)
         self.model_config = loaded.config
         self.params = loaded.params
         self.tokenizer = loaded.tokenizer
@@ -145,6 +147,9 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
     # ---- sequences (for beam search) ------------------------------------------------------
 
     def fork_sequence(self, parent: Sequence, child: Sequence) -> None:
@@ -161,6 +166,11 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return outputs of the requests it advanced."""
+        return [self.output_processor.request_output(r) for r in self.step_requests()]
+
+    def step_requests(self) -> list[Request]:
+        """Run one scheduled step; return the requests it advanced (beam searches excepted:
+        `LLM.beam_search` reads their groups)."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -188,15 +198,13 @@ class EngineCore:
             if request.beam.done:
                 del self.requests[request_id]
         self.stats.record_step(self.kv_cache_stats()["utilization"])
-        results = []
         for request in touched.values():
             for seq in request.seqs:
                 if seq.finished and seq.block_table:
                     self.scheduler.remove(seq)
-            results.append(self.output_processor.request_output(request))
             if request.finished:
                 del self.requests[request.request_id]
-        return results
+        return list(touched.values())
 
     def _apply_block_ops(self, batch: SchedulerOutput) -> None:
         """Swaps and copy-on-write copies the scheduler asked for, before the step runs."""
@@ -279,6 +287,15 @@ class EngineCore:
             return len({id(s.request) for s in seqs})
         return {"running": requests(sched.running), "waiting": requests(sched.waiting),
                 "swapped": requests(s for group in sched.swapped for s in group)}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's state for the server's /metrics and health: KV stats, request counts,
+        counters (a copy), executables built, and when (time.monotonic())."""
+        counts = self.num_requests()
+        return {"kv": self.kv_cache_stats(), "num_running": counts["running"],
+                "num_waiting": counts["waiting"], "num_swapped": counts["swapped"],
+                "num_requests": len(self.requests), "stats": dataclasses.replace(self.stats),
+                "compilations": self.num_compilations(), "time": time.monotonic()}
 
     def num_compilations(self) -> int:
         """Executables (steps, samplers) compiled or loaded from disk in this process."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 from typing import Any
 
 import jax
@@ -61,6 +62,17 @@ def _packs(module, params, pack_weights: bool | None) -> bool:
         log.warning("the C++ CPU matmul kernel is unavailable, weights stay unpacked: %s", reason)
         return False
     return True
+
+
+def is_default_model(path: str | None) -> bool:
+    """Whether `path` is the embedded default model's file."""
+    if path is None:
+        return False
+    from jpaged.models.loader import resolve_model_path
+    try:
+        return pathlib.Path(path).resolve() == resolve_model_path(None)
+    except Exception:  # noqa: BLE001 - no default model installed
+        return False
 
 
 def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",

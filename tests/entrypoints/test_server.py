@@ -342,11 +342,16 @@ def test_soak_brief(tiny_server):
 
 
 def test_default_model_name(tiny_server):
-    """The name a server reports when not told one: the model path's stem, the embedded
-    model's own name, also when the server is handed an LLM."""
+    """The name a server reports when not told one: the model path's stem (a folder's name),
+    the embedded model's own name, "model" for an in-memory model."""
+    import dataclasses
     from jpaged.models.loader import resolve_model_path
     from jpaged.entrypoints.openai.config import DEFAULT_MODEL_NAME
     from jpaged.entrypoints.openai.launcher import default_model_name
-    assert default_model_name(None) == DEFAULT_MODEL_NAME
-    assert default_model_name(resolve_model_path(None)) == DEFAULT_MODEL_NAME
-    assert default_model_name(tiny_server.engine.core) == "tiny"
+    from jpaged.runner.model_loader import is_default_model
+    info = tiny_server.engine.info
+    assert default_model_name(info) == "tiny"
+    assert is_default_model(str(resolve_model_path(None)))
+    assert not is_default_model(info.model_path) and not info.is_default_model
+    assert default_model_name(dataclasses.replace(info, is_default_model=True)) == DEFAULT_MODEL_NAME
+    assert default_model_name(dataclasses.replace(info, model_path=None)) == "model"

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP app (FastAPI) over a running `AsyncEngine`: its routes, its
-error handlers and its OpenAPI document.
+"""The OpenAI-compatible HTTP app (FastAPI) over a running engine (`EngineClient`): its routes,
+its error handlers and its OpenAPI document.
 
 Endpoints: POST /v1/completions and /v1/chat/completions (streaming with server-sent
 events ending in `data: [DONE]`), GET /v1/models, /health (liveness), /ready (503 until
@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jpaged.engine.async_engine import AsyncEngine
+from jpaged.engine.engine_client import EngineClient
 from jpaged.engine.input_processor import ProcessedPrompt
 from jpaged.exceptions import EngineDeadError, EngineNotReadyError, InvalidRequestError, JpagedError
 from jpaged.version import __version__
@@ -60,11 +60,11 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(msg, loc[0] if loc else None)
 
 
-def create_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None, *,
+def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None, *,
                api_key: str | None = None, max_n: int = ServerConfig.max_n,
                max_request_bytes: int = ServerConfig.max_request_bytes) -> FastAPI:
-    """The FastAPI app over a running AsyncEngine; `app.state.jpaged` holds its state.
-    The limits default to `ServerConfig`'s."""
+    """The FastAPI app over a running engine (an AsyncEngine, or an EngineCoreClient);
+    `app.state.jpaged` holds its state. The limits default to `ServerConfig`'s."""
     names = [served_model_name] if isinstance(served_model_name, str) else \
         list(served_model_name or [DEFAULT_MODEL_NAME])
     state = OpenAIServing(engine, names, max_n)

@@ -26,6 +26,10 @@ class ServerConfig:
     warmup: bool = config_field(True, "compile every executable a request can need (each step "
                                       "bucket, every sampler mode) before /ready answers 200; "
                                       "a restart loads them from disk")
+    engine_process: bool = config_field(
+        True, "run the engine core in a process of its own, so HTTP, tokenization and SSE never "
+              "wait on the engine's GIL (an in-memory model, or an LLM handed to the server, "
+              "runs in the server's process)")
     log_level: str = config_field("info", "uvicorn's and jpaged's log level", choices=LOG_LEVELS)
     shutdown_timeout: float = config_field(
         30.0, "seconds SIGTERM or Ctrl-C waits for requests in flight to finish (no new "

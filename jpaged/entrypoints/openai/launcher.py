@@ -13,14 +13,14 @@ Binds 127.0.0.1 unless told otherwise; `api_key` makes every /v1, /tokenize and
 """
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import pathlib
 import threading
 import time
 
-from jpaged.engine.async_engine import AsyncEngine
-from jpaged.engine.engine_core import EngineCore
+from jpaged.config import EngineConfig
+from jpaged.engine.engine_client import EngineClient, ModelInfo
 from jpaged.exceptions import EngineDeadError
 
 from .api_server import create_app
@@ -29,28 +29,21 @@ from .config import DEFAULT_MODEL_NAME, ServerConfig
 logger = logging.getLogger("jpaged.entrypoints.openai")
 
 
-def default_model_name(model) -> str:
-    """The model path's stem (a folder's name); SmolLM2-135M-Instruct for the default model."""
-    if isinstance(model, EngineCore):
-        if model.model_path is None:  # an in-memory model
-            return "model"
-        model = model.model_path
-    if model is None:
+def default_model_name(info: ModelInfo) -> str:
+    """The model file's stem (a folder's name); SmolLM2-135M-Instruct for the default model,
+    "model" for an in-memory one."""
+    if info.is_default_model:
         return DEFAULT_MODEL_NAME
-    if not isinstance(model, (str, pathlib.Path)):
+    if info.model_path is None:
         return "model"
-    path = pathlib.Path(model)
-    with contextlib.suppress(Exception):
-        from jpaged.models.loader import resolve_model_path
-        if path.resolve() == resolve_model_path(None):
-            return DEFAULT_MODEL_NAME
+    path = pathlib.Path(info.model_path)
     return path.name if path.is_dir() else path.stem
 
 
 class ServerHandle:
     """A server running in a background thread: `.url` ("http://127.0.0.1:PORT"), `.engine`
-    (the AsyncEngine; `.engine.call_sync(fn)` runs fn(core) on the engine thread), `.app`,
-    and `.shutdown()`, which stops uvicorn and then the engine (if it owns it)."""
+    (an EngineClient: `.engine.call_utility("kv_cache_stats")` runs on the engine between
+    steps), `.app`, and `.shutdown()`, which stops uvicorn and then the engine (if it owns it)."""
 
     def __init__(self, app, engine, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning", own_engine: bool = True,
@@ -93,8 +86,8 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
                  max_n: int = ServerConfig.max_n,
                  max_request_bytes: int = ServerConfig.max_request_bytes,
                  log_level: str = "warning", warmup: bool = ServerConfig.warmup,
-                 shutdown_timeout: float = ServerConfig.shutdown_timeout, params=None,
-                 tokenizer=None,
+                 shutdown_timeout: float = ServerConfig.shutdown_timeout,
+                 engine_process: bool = ServerConfig.engine_process, params=None, tokenizer=None,
                  **engine_args) -> ServerHandle:
     """Load the model, start the engine and uvicorn in background threads, and return once
     the server accepts connections: `with start_server(port=0) as h: ... h.url ...`.
@@ -103,20 +96,19 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
     `engine_args`: EngineConfig fields; the rest: `ServerConfig` fields. `warmup` (default):
     the engine thread first compiles, or loads from disk, every executable a request can
     need (`LLM.warmup`), so no request waits for a compilation; the server answers meanwhile
-    (`/health` 200, `/ready` 503, requests queue). `port=0` picks a free port. To serve another app (say with an API key)
-    over the same engine: `ServerHandle(create_app(h.engine, api_key=KEY), h.engine,
-    own_engine=False)`."""
+    (`/health` 200, `/ready` 503, requests queue). `engine_process` (default): a model given
+    as a path (or None) runs in an engine-core process of its own (`EngineCoreClient`), and
+    this process, which then never imports jax, does HTTP; an in-memory model or an LLM runs
+    in a thread of this process (`AsyncEngine`). `port=0` picks a free port. To serve another
+    app (say with an API key) over the same engine:
+    `ServerHandle(create_app(h.engine, api_key=KEY), h.engine, own_engine=False)`."""
     server = ServerConfig(host=host, port=port, served_model_name=served_model_name,
                           api_key=api_key, max_n=max_n, max_request_bytes=max_request_bytes,
-                          warmup=warmup, log_level=log_level, shutdown_timeout=shutdown_timeout)
-    if isinstance(model, EngineCore):
-        core = model
-    else:
-        from jpaged.entrypoints.llm import LLM
-        core = LLM(model, params=params, tokenizer=tokenizer, **engine_args)
-    engine = AsyncEngine(core, warmup=server.warmup)
+                          warmup=warmup, log_level=log_level, shutdown_timeout=shutdown_timeout,
+                          engine_process=engine_process)
+    engine = _start_engine(model, server, params, tokenizer, engine_args)
     try:
-        app = create_app(engine, server.served_model_name or default_model_name(model),
+        app = create_app(engine, server.served_model_name or default_model_name(engine.info),
                          api_key=server.api_key, max_n=server.max_n,
                          max_request_bytes=server.max_request_bytes)
         return ServerHandle(app, engine, server.host, server.port, server.log_level,
@@ -124,6 +116,23 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
     except BaseException:
         engine.shutdown()
         raise
+
+
+def _start_engine(model, server: ServerConfig, params, tokenizer, engine_args) -> EngineClient:
+    from_path = model is None or isinstance(model, (str, os.PathLike))
+    if server.engine_process and from_path and params is None and tokenizer is None:
+        from jpaged.engine.core_client import EngineCoreClient
+        EngineConfig(**engine_args)  # bad arguments fail here, before a process starts
+        return EngineCoreClient(model, engine_args, warmup=server.warmup,
+                                log_level="warning" if server.log_level == "info" else server.log_level)
+    from jpaged.engine.async_engine import AsyncEngine
+    from jpaged.engine.engine_core import EngineCore
+    if isinstance(model, EngineCore):
+        core = model
+    else:
+        from jpaged.entrypoints.llm import LLM
+        core = LLM(model, params=params, tokenizer=tokenizer, **engine_args)
+    return AsyncEngine(core, warmup=server.warmup)
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",

@@ -119,7 +119,7 @@ class ServerMetrics:
             self._success.labels(self._success_labels, str(reason)).inc()
 
     def observe_output(self, arrival: float, first: float | None, out) -> None:
-        """A finished RequestOutput (AsyncEngine.generate_many's on_finish)."""
+        """A finished RequestOutput (EngineClient.generate_many's on_finish)."""
         comps = out.outputs
         self.observe_request(arrival, first, time.monotonic(), len(out.prompt_token_ids),
                              [len(c.token_ids) for c in comps], [c.finish_reason for c in comps])

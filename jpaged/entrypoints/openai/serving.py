@@ -8,7 +8,6 @@ reaches the engine thread. Errors are jpaged's exception types (`errors.py` maps
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import uuid
@@ -16,7 +15,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from jpaged.engine.async_engine import AsyncEngine
+from jpaged.engine.engine_client import EngineClient
 from jpaged.engine.input_processor import InputProcessor, ProcessedPrompt
 from jpaged.exceptions import InvalidRequestError, ModelNotFoundError, EngineDeadError
 from jpaged.sampling_params import SamplingParams
@@ -43,16 +42,15 @@ UNSUPPORTED = [
 class OpenAIServing:
     """The routes' shared state: the engine, a tokenizer of the server's own, limits, metrics."""
 
-    def __init__(self, engine: AsyncEngine, names: list[str], max_n: int):
-        core = engine.core
+    def __init__(self, engine: EngineClient, names: list[str], max_n: int):
+        info = engine.info
         self.engine, self.names, self.max_n = engine, names, max_n
-        # The engine thread detokenizes with core.tokenizer; this thread uses a copy.
-        self.tokenizer = copy.deepcopy(core.tokenizer)
-        self.inputs = InputProcessor(self.tokenizer, core.model_config.vocab_size, core.max_model_len)
-        self.max_model_len = core.max_model_len
-        self.vocab_size = core.model_config.vocab_size
-        self.max_logprobs = core.config.max_logprobs
-        self.sampling_defaults = dict(core.generation_config)
+        self.tokenizer = info.tokenizer  # the front end's own (the engine detokenizes with another)
+        self.inputs = InputProcessor(self.tokenizer, info.vocab_size, info.max_model_len)
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
+        self.max_logprobs = info.max_logprobs
+        self.sampling_defaults = dict(info.generation_config)
         self.metrics = ServerMetrics(engine, names[0])
         self.decode = functools.lru_cache(maxsize=1 << 16)(
             lambda t: self.tokenizer.decode([t], skip_special_tokens=False))
