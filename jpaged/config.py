@@ -34,6 +34,11 @@ class EngineConfig:
     max_num_seqs: int = config_field(64, "most sequences in one step")
     max_num_batched_tokens: int = config_field(
         2048, "most tokens in one step; longer prompts are prefilled in chunks")
+    max_mixed_step_tokens: int | None = config_field(
+        None, "most tokens in a step that also decodes running sequences, which wait for the "
+              "whole step: prompts beyond it are prefilled in the next steps [default: twice the "
+              "smallest token bucket the scheduler cuts to (256 on the CPU, 1024 on a GPU): "
+              "there a step's cost per token is flat, so smaller steps lose no throughput]")
     max_model_len: int | None = config_field(
         None, "most tokens (prompt + output) of one sequence [default: the model's context length]")
     dtype: str = config_field("auto", "weights and compute dtype; auto = float32 on CPU, bfloat16 "
@@ -76,7 +81,7 @@ class EngineConfig:
             positive(name)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("kv_cache_memory", "max_model_len"):
+        for name in ("kv_cache_memory", "max_model_len", "max_mixed_step_tokens"):
             if getattr(self, name) is not None:
                 positive(name)
         if self.swap_space < 0:

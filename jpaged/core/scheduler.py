@@ -4,7 +4,11 @@
 Every step first takes one token of every running sequence that has one to
 compute (decode), then fills what is left of `max_num_batched_tokens` with
 prompt chunks of partly prefilled or waiting sequences (prefill), as vLLM's V1
-scheduler does: a step with prompt chunks is a mixed step (decode rows first,
+scheduler does, up to `max_mixed_step_tokens` in all while there are decode rows
+(they wait for the whole step; on the CPU a step's cost per token is flat from
+128 tokens up, so shorter mixed steps give running requests their tokens sooner
+and the first prompts in the queue their first token sooner, at no cost in
+throughput): a step with prompt chunks is a mixed step (decode rows first,
 `num_decode` of them) and the running sequences keep generating while new
 requests are prefilled, instead of waiting for every prefill step to pass. A
 step that had to preempt admits no new request (the victim would come straight
@@ -41,10 +45,14 @@ class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager,
                  token_buckets: Seq[int] = ()):
         """`token_buckets`: the token counts a prefill step is padded up to (the runner's
-        compiled sizes); a step that would spill a little past one is cut back to it."""
+        compiled sizes); a step that would spill a little past one is cut back to it. A
+        step with decode rows holds at most `max_mixed_step_tokens` (default: twice the
+        smallest bucket)."""
         self.config = config
         self.block_manager = block_manager
         self.token_buckets = sorted(token_buckets)
+        self.mixed_step_tokens = config.max_mixed_step_tokens or \
+            (2 * self.token_buckets[0] if self.token_buckets else config.max_num_batched_tokens)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.swapped: collections.deque[list[Sequence]] = collections.deque()  # groups, first in first
@@ -94,8 +102,11 @@ class Scheduler:
         decode = self._schedule_decode(ops)
         num_decode = decode.num_tokens if decode else 0
         admit = not self.swapped and self.num_preemptions == preemptions
-        budget = self._fit_bucket(num_decode, max(0, self.config.max_num_batched_tokens - num_decode),
-                                  admit)
+        budget = max(0, self.config.max_num_batched_tokens - num_decode)
+        if num_decode:  # the decode rows wait for the whole step: keep it short (at least
+            # half the cap goes to prompts, so that they never starve)
+            budget = min(budget, max(self.mixed_step_tokens - num_decode, self.mixed_step_tokens // 2))
+        budget = self._fit_bucket(num_decode, budget, admit)
         prefill = self._schedule_prefill(ops, admit=admit, budget=budget)
         batch = prefill or decode
         if prefill and decode:

@@ -28,7 +28,6 @@ import time
 from typing import Any, Callable
 
 from jpaged.exceptions import EngineDeadError, EngineStepError
-from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
 from .engine_client import EngineClient, ModelInfo, _Stream, send_to_streams
@@ -54,7 +53,6 @@ class AsyncEngine(EngineClient):
         self._warmup = warmup
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
-        self._front: list = []  # a command taken off the queue early, to run first
         self._stopping = False
         self.dead: BaseException | None = None
         self.snapshot: dict[str, Any] = {}
@@ -113,23 +111,7 @@ class AsyncEngine(EngineClient):
                                len(core.runner.executables), self.warmup_s)
                 self._publish()
             self.ready.set()
-            while True:
-                # Block only while idle; between steps take whatever is queued.
-                block = not core.has_unfinished_requests()
-                if not self._drain(block):
-                    break
-                if not core.has_unfinished_requests():
-                    continue
-                steps = core.stats.steps
-                try:
-                    outputs = core.step()
-                except Exception as e:  # noqa: BLE001 - keep serving the next requests
-                    self._step_failed(e)
-                    continue
-                self._dispatch(outputs)
-                self._publish()
-                if not outputs and core.stats.steps == steps:
-                    self._wait_for_command(0.01)  # nothing could be scheduled: do not spin
+            core.run_loop(self._drain, self._deliver, self._step_failed)
         except BaseException as e:  # noqa: BLE001
             logger.exception("engine thread died")
             self.dead = e
@@ -139,16 +121,16 @@ class AsyncEngine(EngineClient):
                            else EngineDeadError("the engine was shut down"))
             self._publish()
 
-    def _drain(self, block: bool) -> bool:
-        """Run queued commands; False on "stop"."""
+    def _drain(self, wait_s: float | None) -> bool:
+        """Run queued commands, waiting up to `wait_s` for the first (None: until one comes);
+        False on "stop"."""
         changed = False
         while True:
             try:
-                cmd = self._front.pop() if self._front else \
-                    self._commands.get(block=block) if block else self._commands.get_nowait()
+                cmd = self._commands.get(timeout=wait_s) if wait_s != 0 else self._commands.get_nowait()
             except queue.Empty:
                 break
-            block = False
+            wait_s = 0
             kind = cmd[0]
             if kind == "stop":
                 return False
@@ -166,12 +148,6 @@ class AsyncEngine(EngineClient):
             self._publish()
         return True
 
-    def _wait_for_command(self, timeout: float) -> None:
-        try:
-            self._front.append(self._commands.get(timeout=timeout))  # _drain takes it first
-        except queue.Empty:
-            pass
-
     def _add(self, stream: _Stream, prompt, params) -> None:
         if self._stopping:
             self._send([(stream, EngineDeadError("the engine is shutting down"))])
@@ -186,9 +162,9 @@ class AsyncEngine(EngineClient):
             return
         self._streams[stream.request_id] = stream
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, requests) -> None:
         items = []
-        for out in outputs:
+        for out in map(self.core.output_processor.request_output, requests):
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
@@ -196,6 +172,7 @@ class AsyncEngine(EngineClient):
                 del self._streams[out.request_id]
             items.append((stream, out))
         self._send(items)
+        self._publish()
 
     def _send(self, items: list[tuple[_Stream, Any]]) -> None:
         for stream in send_to_streams(items):  # their consumers are gone

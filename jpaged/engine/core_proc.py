@@ -49,30 +49,24 @@ class EngineCoreProc:
         warmup_s = core.warmup(use_tqdm=False) if warmup else None
         self.send(Ready(warmup_s, len(core.runner.executables)))
         self.send(Outputs([], core.snapshot()))
-        while True:
-            idle = not core.has_unfinished_requests()
-            if not self.drain(IDLE_POLL_MS if idle else 0):
-                return
-            if not core.has_unfinished_requests():
-                continue
-            steps = core.stats.steps
-            try:
-                requests = core.step_requests()
-            except Exception as e:  # noqa: BLE001 - keep serving the next requests
-                self.step_failed(e)
-                continue
-            self.send(Outputs([request_delta(r) for r in requests], core.snapshot()))
-            if not requests and core.stats.steps == steps:
-                self.drain(10)  # nothing could be scheduled: do not spin
+        core.run_loop(self.drain, self.deliver, self.step_failed)
 
-    def drain(self, timeout_ms: int) -> bool:
-        """Run the messages that came (waiting up to `timeout_ms` for the first); False on
-        Stop, or when the front end's process is gone."""
-        if os.getppid() != self.parent_pid:
-            logger.error("the front end (pid %d) is gone: the engine core stops", self.parent_pid)
-            return False
-        if timeout_ms and not self.to_core.poll(timeout_ms):
-            return True
+    def deliver(self, requests) -> None:
+        self.send(Outputs([request_delta(r) for r in requests], self.core.snapshot()))
+
+    def drain(self, wait_s: float | None) -> bool:
+        """Run the messages that came, waiting up to `wait_s` for the first (None: while idle;
+        it checks on its front end every IDLE_POLL_MS meanwhile); False on Stop, or when the
+        front end's process is gone."""
+        while True:
+            if os.getppid() != self.parent_pid:
+                logger.error("the front end (pid %d) is gone: the engine core stops", self.parent_pid)
+                return False
+            timeout_ms = IDLE_POLL_MS if wait_s is None else int(wait_s * 1000)
+            if not timeout_ms or self.to_core.poll(timeout_ms):
+                break
+            if wait_s is not None:
+                return True
         changed = False
         while True:
             try:

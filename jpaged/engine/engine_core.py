@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import threading
 import time
-from typing import Any, Sequence as Seq
+from typing import Any, Callable, Sequence as Seq
 
 import jax
 import numpy as np
@@ -205,6 +205,25 @@ class EngineCore:
             if request.finished:
                 del self.requests[request.request_id]
         return list(touched.values())
+
+    def run_loop(self, drain: Callable[[float | None], bool], deliver: Callable[[list[Request]], None],
+                 step_failed: Callable[[Exception], None]) -> None:
+        """The serving loop of both server engines (a thread, a process): `drain(wait_s)` runs
+        the commands that came, waiting up to `wait_s` for the first (None: while idle, until
+        one comes), and returns False to stop; each step's advanced requests go to `deliver`;
+        a step that raises goes to `step_failed`, and serving goes on."""
+        while drain(None if not self.requests else 0.0):
+            if not self.requests:
+                continue
+            steps = self.stats.steps
+            try:
+                requests = self.step_requests()
+            except Exception as e:  # noqa: BLE001 - keep serving the next requests
+                step_failed(e)
+                continue
+            deliver(requests)
+            if not requests and self.stats.steps == steps and not drain(0.01):
+                return  # nothing could be scheduled: wait a little for a command, not spin
 
     def _apply_block_ops(self, batch: SchedulerOutput) -> None:
         """Swaps and copy-on-write copies the scheduler asked for, before the step runs."""

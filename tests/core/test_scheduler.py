@@ -48,7 +48,8 @@ def test_prefill_is_chunked_within_the_token_budget():
     (10, [118], [118]),          # exactly a bucket
 ])
 def test_prefill_is_cut_back_to_a_token_bucket(num_decode, prompts, want):
-    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4)
+    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4,
+                       max_mixed_step_tokens=2048)  # the cut alone
     sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[16, 32, 64, 128, 256, 512, 1024, 2048])
     running = [_seq(3, f"d{i}") for i in range(num_decode)]
     for seq in running:
@@ -60,6 +61,30 @@ def test_prefill_is_cut_back_to_a_token_bucket(num_decode, prompts, want):
     batch = sched.schedule()
     assert batch.num_new_tokens == [1] * num_decode + want
     assert Scheduler(cfg, BlockManager(2000, 4)).token_buckets == []  # no buckets: no cut
+
+
+@pytest.mark.parametrize("num_decode,prompts,cap,want", [
+    (10, [128] * 3, None, [128, 118]),        # default cap: twice the smallest bucket, 256
+    (10, [128] * 3, 2048, [128, 128, 128]),   # a cap as large as the budget: all three now
+    (0, [200, 200], None, [200, 200]),        # no decode rows waiting: no cap
+    (200, [64], None, [56]),                  # half the cap stays for prompts (then the cut)
+    (10, [128] * 3, 64, [54]),                # an explicit cap: 10 decode rows + 54 prompt tokens
+])
+def test_a_step_with_decode_rows_is_capped(num_decode, prompts, cap, want):
+    """Running sequences wait for the whole step: a mixed step holds at most
+    max_mixed_step_tokens, and the prompts beyond it go in the next steps."""
+    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4,
+                       max_mixed_step_tokens=cap)
+    sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[128, 256, 512, 1024, 2048])
+    running = [_seq(3, f"d{i}") for i in range(num_decode)]
+    for seq in running:
+        sched.add(seq)
+    while running and any(s.num_uncomputed_tokens > 1 for s in running):
+        _run_step(sched.schedule())
+    for i, n in enumerate(prompts):
+        sched.add(_seq(n, f"p{i}"))
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [1] * num_decode + want
 
 
 def test_decodes_ride_along_with_a_new_prompt_in_one_mixed_step():
