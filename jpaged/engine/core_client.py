@@ -73,10 +73,13 @@ class EngineCoreClient(EngineClient):
         config = {"model": None if model is None else os.fspath(model), "engine_args": engine_args,
                   "warmup": warmup, "to_core": to_addr, "from_core": from_addr,
                   "parent_pid": os.getpid(), "log_level": log_level}
-        env = dict(os.environ)  # the core imports the same jpaged as this process
+        # The core imports the same jpaged as this process: its package root goes first on
+        # the path, and -P keeps the working directory off it (a source checkout there would
+        # shadow an installed jpaged).
+        env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "jpaged.engine.core_proc",
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "jpaged.engine.core_proc",
                                       json.dumps(config)], env=env)
         try:
             handshake = self._handshake()
