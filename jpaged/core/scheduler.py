@@ -8,7 +8,8 @@ scheduler does, up to `max_mixed_step_tokens` in all while there are decode rows
 (they wait for the whole step; on the CPU a step's cost per token is flat from
 128 tokens up, so shorter mixed steps give running requests their tokens sooner
 and the first prompts in the queue their first token sooner, at no cost in
-throughput): a step with prompt chunks is a mixed step (decode rows first,
+throughput; by default the cap follows the queue: one smallest bucket while few
+prompt tokens wait, two once a queue builds up): a step with prompt chunks is a mixed step (decode rows first,
 `num_decode` of them) and the running sequences keep generating while new
 requests are prefilled, instead of waiting for every prefill step to pass. A
 step that had to preempt admits no new request (the victim would come straight
@@ -46,13 +47,16 @@ class Scheduler:
                  token_buckets: Seq[int] = ()):
         """`token_buckets`: the token counts a prefill step is padded up to (the runner's
         compiled sizes); a step that would spill a little past one is cut back to it. A
-        step with decode rows holds at most `max_mixed_step_tokens` (default: twice the
-        smallest bucket)."""
+        step with decode rows holds at most `max_mixed_step_tokens` (default: the smallest
+        bucket while the queue is short, twice it beyond)."""
         self.config = config
         self.block_manager = block_manager
         self.token_buckets = sorted(token_buckets)
         self.mixed_step_tokens = config.max_mixed_step_tokens or \
             (2 * self.token_buckets[0] if self.token_buckets else config.max_num_batched_tokens)
+        # By default the cap follows the load: one smallest bucket while the queue is short.
+        self.light_step_tokens = self.token_buckets[0] \
+            if config.max_mixed_step_tokens is None and self.token_buckets else self.mixed_step_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.swapped: collections.deque[list[Sequence]] = collections.deque()  # groups, first in first
@@ -105,7 +109,8 @@ class Scheduler:
         budget = max(0, self.config.max_num_batched_tokens - num_decode)
         if num_decode:  # the decode rows wait for the whole step: keep it short (at least
             # half the cap goes to prompts, so that they never starve)
-            budget = min(budget, max(self.mixed_step_tokens - num_decode, self.mixed_step_tokens // 2))
+            cap = self._mixed_step_cap()
+            budget = min(budget, max(cap - num_decode, cap // 2))
         budget = self._fit_bucket(num_decode, budget, admit)
         prefill = self._schedule_prefill(ops, admit=admit, budget=budget)
         batch = prefill or decode
@@ -128,6 +133,22 @@ class Scheduler:
         need order)."""
         return [s for s in self.running
                 if s.num_uncomputed_tokens > 1 or (s.pending_forks and s.num_uncomputed_tokens)]
+
+    def _mixed_step_cap(self) -> int:
+        """Tokens a step with decode rows may hold. Under a light load (the prompts waiting to
+        be admitted hold at most `mixed_step_tokens`) one smallest bucket: a prompt that
+        arrives waits behind one short step at most, and two that arrive together get their
+        first tokens one after the other, the first one sooner, the last no later. Beyond
+        that (a queue builds up), `mixed_step_tokens`: fewer steps, so the decode rows and
+        each step's fixed cost weigh less per prompt token and the queue drains faster."""
+        if self.light_step_tokens == self.mixed_step_tokens:
+            return self.mixed_step_tokens
+        queued = 0
+        for seq in self.waiting:
+            queued += seq.num_uncomputed_tokens
+            if queued > self.mixed_step_tokens:
+                return self.mixed_step_tokens
+        return self.light_step_tokens
 
     def _fit_bucket(self, num_decode: int, budget: int, admit: bool) -> int:
         """The prefill budget, cut so that the step ends on a token bucket when it would spill

@@ -64,7 +64,10 @@ def test_prefill_is_cut_back_to_a_token_bucket(num_decode, prompts, want):
 
 
 @pytest.mark.parametrize("num_decode,prompts,cap,want", [
-    (10, [128] * 3, None, [128, 118]),        # default cap: twice the smallest bucket, 256
+    (10, [128] * 3, None, [128, 118]),        # a queue (384 tokens): twice the smallest bucket, 256
+    (10, [128] * 2, None, [118]),             # a short queue (256): one smallest bucket, 128
+    (10, [100, 100, 57], None, [100, 100, 46]),  # 257 waiting: a queue already, 256
+    (10, [128] * 2, 256, [128, 118]),         # an explicit cap is fixed, whatever the queue
     (10, [128] * 3, 2048, [128, 128, 128]),   # a cap as large as the budget: all three now
     (0, [200, 200], None, [200, 200]),        # no decode rows waiting: no cap
     (200, [64], None, [56]),                  # half the cap stays for prompts (then the cut)
@@ -85,6 +88,29 @@ def test_a_step_with_decode_rows_is_capped(num_decode, prompts, cap, want):
         sched.add(_seq(n, f"p{i}"))
     batch = sched.schedule()
     assert batch.num_new_tokens == [1] * num_decode + want
+
+
+def test_two_prompts_arriving_together_under_a_light_load_start_one_after_the_other():
+    """The default cap follows the queue: with two 128-token prompts waiting beside running
+    requests, each step holds one 128-token bucket, so the first prompt's first token comes
+    after one short step (the cut's 10-token tail goes first in the next one)."""
+    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4)
+    sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[128, 256, 512, 1024, 2048])
+    running = [_seq(3, f"d{i}") for i in range(10)]
+    for seq in running:
+        sched.add(seq)
+    _run_step(sched.schedule())
+    first, second = _seq(128, "first"), _seq(128, "second")
+    sched.add(first)
+    sched.add(second)
+    steps = []
+    while second.num_computed_tokens < 128:
+        batch = sched.schedule()
+        assert batch.num_tokens <= 128
+        steps.append([n for s, n in zip(batch.seqs, batch.num_new_tokens)
+                      if s in (first, second) and s.num_computed_tokens < 128])
+        _run_step(batch)
+    assert steps == [[118], [10, 108], [20]]
 
 
 def test_decodes_ride_along_with_a_new_prompt_in_one_mixed_step():
