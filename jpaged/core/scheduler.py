@@ -9,7 +9,7 @@ scheduler does, up to `max_mixed_step_tokens` in all while there are decode rows
 128 tokens up, so shorter mixed steps give running requests their tokens sooner
 and the first prompts in the queue their first token sooner, at no cost in
 throughput; by default the cap follows the queue: one smallest bucket while few
-prompt tokens wait, two once a queue builds up): a step with prompt chunks is a mixed step (decode rows first,
+prompt tokens wait, then what drains the queue in about two steps): a step with prompt chunks is a mixed step (decode rows first,
 `num_decode` of them) and the running sequences keep generating while new
 requests are prefilled, instead of waiting for every prefill step to pass. A
 step that had to preempt admits no new request (the victim would come straight
@@ -47,8 +47,8 @@ class Scheduler:
                  token_buckets: Seq[int] = ()):
         """`token_buckets`: the token counts a prefill step is padded up to (the runner's
         compiled sizes); a step that would spill a little past one is cut back to it. A
-        step with decode rows holds at most `max_mixed_step_tokens` (default: the smallest
-        bucket while the queue is short, twice it beyond)."""
+        step with decode rows holds at most `max_mixed_step_tokens` (default: following the
+        queue, `_mixed_step_cap`)."""
         self.config = config
         self.block_manager = block_manager
         self.token_buckets = sorted(token_buckets)
@@ -135,24 +135,26 @@ class Scheduler:
                 if s.num_uncomputed_tokens > 1 or (s.pending_forks and s.num_uncomputed_tokens)]
 
     def _mixed_step_cap(self) -> int:
-        """Tokens a step with decode rows may hold. Under a light load (the prompts waiting to
-        be admitted hold at most `mixed_step_tokens`) one smallest bucket: a prompt that
-        arrives waits behind one short step at most, and two that arrive together get their
-        first tokens one after the other, the first one sooner, the last no later. Beyond
-        that (a queue builds up), `mixed_step_tokens`: fewer steps, so the decode rows and
-        each step's fixed cost weigh less per prompt token and the queue drains faster."""
+        """Tokens a step with decode rows may hold, by default following the queue (the
+        prompt tokens waiting to be admitted). Short queue (at most `mixed_step_tokens`): one
+        smallest bucket, so a prompt that arrives waits behind one short step at most, and
+        two that arrive together get their first tokens one after the other. Longer: the
+        bucket that drains the queue in about two steps, at least `mixed_step_tokens`: the
+        running requests wait for the queue to drain whatever the steps are (the cost per
+        token is flat), and fewer steps spend less on the decode rows and each step's fixed
+        cost, so the last prompt of a burst gets its first token sooner."""
         if self.light_step_tokens == self.mixed_step_tokens:
             return self.mixed_step_tokens
-        queued = 0
-        for seq in self.waiting:
-            queued += seq.num_uncomputed_tokens
-            if queued > self.mixed_step_tokens:
-                return self.mixed_step_tokens
-        return self.light_step_tokens
+        queued = sum(seq.num_uncomputed_tokens for seq in self.waiting)
+        if queued <= self.mixed_step_tokens:
+            return self.light_step_tokens
+        half = -(-queued // 2)
+        fits = [b for b in self.token_buckets if b >= half]
+        return max(self.mixed_step_tokens, fits[0] if fits else self.config.max_num_batched_tokens)
 
     def _fit_bucket(self, num_decode: int, budget: int, admit: bool) -> int:
         """The prefill budget, cut so that the step ends on a token bucket when it would spill
-        up to half a bucket past one (the next bucket is twice the size: 10 decode rows and
+        up to half the way to the next one (which it would be padded to: 10 decode rows and
         a 128-token prompt would run a 256-token step; instead 118 prompt tokens go now, in
         a 128-token step, and 10 with the next step), and the cut keeps at least half of
         the prompt tokens waiting."""
@@ -162,7 +164,8 @@ class Scheduler:
         wanted = min(wanted, budget)
         total = num_decode + wanted
         lower = max((b for b in self.token_buckets if b <= total), default=total)
-        if total - lower <= lower // 2 and 2 * (lower - num_decode) >= wanted > lower - num_decode:
+        upper = min((b for b in self.token_buckets if b > total), default=2 * lower)
+        if 2 * (total - lower) <= upper - lower and 2 * (lower - num_decode) >= wanted > lower - num_decode:
             return lower - num_decode
         return budget
 

@@ -2,7 +2,8 @@
 (docs/design.md, "Buckets and compilation").
 
 Token, sequence and query-length dimensions are rounded up to powers of two
-(decode batches to multiples of 8, or one row, `decode_bucket`),
+(decode batches to multiples of 8, or one row, `decode_bucket`; prefill tokens
+on the CPU also to 3/4 of one from 192 up, `token_bucket`),
 and block tables are always `max_model_len / block_size` pages wide (attention
 loops only over the pages in use), so the jitted step compiles for a small,
 known set of shapes; `step_buckets` enumerates them for warm-up. Padding tokens
@@ -50,6 +51,14 @@ def bucket(n: int, minimum: int = 1, cap: int | None = None) -> int:
     return min(size, cap) if cap else size
 
 
+def token_bucket(n: int, fine: bool = False) -> int:
+    """Tokens of a prefill step: n padded to a power of two (at least 16), or with `fine`
+    to the ladder that also has 3/4 of each power of two from 256 up (192, 384, 768, 1536):
+    padding then costs at most a third of the tokens instead of a half."""
+    size = bucket(n, 16)
+    return size * 3 // 4 if fine and size >= 256 and n <= size * 3 // 4 else size
+
+
 def decode_bucket(num_seqs: int, single_row: bool = False) -> int:
     """Rows of a decode step: multiples of 8 up to 64, of 32 up to 256, then powers of two
     (as vLLM's CUDA-graph batch sizes), and with `single_row` 1 for a single stream. Padding
@@ -65,8 +74,9 @@ def decode_bucket(num_seqs: int, single_row: bool = False) -> int:
 
 class InputBuilder:
     def __init__(self, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, single_row_decode: bool = False):
+                 max_model_len: int, single_row_decode: bool = False, fine_token_buckets: bool = False):
         self.block_size = block_size
+        self.fine_token_buckets = fine_token_buckets  # `token_bucket`'s finer ladder
         self.single_row_decode = single_row_decode  # a 1-row decode shape (`decode_bucket`)
         self.max_pages = cdiv(max_model_len, block_size)
         self.max_num_seqs = max_num_seqs
@@ -79,7 +89,7 @@ class InputBuilder:
         if not batch.is_prefill:
             B = decode_bucket(num_seqs, self.single_row_decode)
             return B, B, 1, P
-        N = bucket(batch.num_tokens, 16)
+        N = token_bucket(batch.num_tokens, self.fine_token_buckets)
         return N, self.prefill_rows(N, num_seqs), min(PREFILL_TILE, N), P
 
     def prefill_rows(self, num_tokens: int, num_seqs: int) -> int:
@@ -101,7 +111,8 @@ class InputBuilder:
         pages = [self.max_pages]
         seqs = sorted({decode_bucket(b, self.single_row_decode) for b in range(1, self.max_num_seqs + 1)})
         out = [(B, B, 1, P) for B in seqs for P in pages]
-        tokens = sorted({bucket(n, 16) for n in range(1, self.max_num_batched_tokens + 1)})
+        tokens = sorted({token_bucket(n, self.fine_token_buckets)
+                         for n in range(1, self.max_num_batched_tokens + 1)})
         for N in tokens:
             Q = min(PREFILL_TILE, N)
             for B, P in itertools.product(sorted({self.prefill_rows(N, b) for b in

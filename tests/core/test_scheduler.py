@@ -63,11 +63,35 @@ def test_prefill_is_cut_back_to_a_token_bucket(num_decode, prompts, want):
     assert Scheduler(cfg, BlockManager(2000, 4)).token_buckets == []  # no buckets: no cut
 
 
+@pytest.mark.parametrize("num_decode,prompts,want", [
+    (10, [128], [118]),      # 138: 10 past 128, the next bucket 192: cut
+    (10, [160], [160]),      # 170: 42 past 128, more than half way to 192: a 192 step
+    (0, [300], [256]),       # 300: 44 past 256, less than half way to 384: cut
+    (0, [330], [330]),       # 330: more than half way: a 384 step
+])
+def test_the_cut_follows_a_finer_bucket_ladder(num_decode, prompts, want):
+    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4,
+                       max_mixed_step_tokens=2048)
+    sched = Scheduler(cfg, BlockManager(2000, 4),
+                      token_buckets=[128, 192, 256, 384, 512, 768, 1024, 1536, 2048])
+    running = [_seq(3, f"d{i}") for i in range(num_decode)]
+    for seq in running:
+        sched.add(seq)
+    if running:
+        _run_step(sched.schedule())
+    for i, n in enumerate(prompts):
+        sched.add(_seq(n, f"p{i}"))
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [1] * num_decode + want
+
+
 @pytest.mark.parametrize("num_decode,prompts,cap,want", [
     (10, [128] * 3, None, [128, 118]),        # a queue (384 tokens): twice the smallest bucket, 256
     (10, [128] * 2, None, [118]),             # a short queue (256): one smallest bucket, 128
     (10, [100, 100, 57], None, [100, 100, 46]),  # 257 waiting: a queue already, 256
     (10, [128] * 2, 256, [128, 118]),         # an explicit cap is fixed, whatever the queue
+    (10, [128] * 8, None, [128, 128, 128, 118]),  # 1,024 waiting: drained in about two 512 steps
+    (10, [128] * 32, None, [128] * 15 + [118]),   # a burst: steps as long as the budget
     (10, [128] * 3, 2048, [128, 128, 128]),   # a cap as large as the budget: all three now
     (0, [200, 200], None, [200, 200]),        # no decode rows waiting: no cap
     (200, [64], None, [56]),                  # half the cap stays for prompts (then the cut)

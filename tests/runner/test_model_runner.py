@@ -70,6 +70,28 @@ def test_decode_buckets_are_multiples_of_eight_or_one_row(single_row):
     assert decode == one[:single_row] + list(range(8, 65, 8))  # every decode shape warm-up must compile
 
 
+def test_fine_token_buckets_pad_a_prefill_by_at_most_a_third():
+    """On the CPU prefill steps also get 3/4 of each power of two from 192 up; every bucket
+    holds whole query tiles, and every batch's tokens land in a bucket warm-up compiles."""
+    from jpaged.runner.input_builder import PREFILL_TILE, InputBuilder, token_bucket
+    assert [token_bucket(n, True) for n in (1, 100, 129, 162, 192, 193, 314, 385, 600, 1100, 2048)] == \
+        [16, 128, 192, 192, 192, 256, 384, 512, 768, 1536, 2048]
+    assert [token_bucket(n) for n in (162, 314, 600)] == [256, 512, 1024]  # powers of two only
+    coarse, fine = (InputBuilder(16, 64, 2048, 2048, fine_token_buckets=f) for f in (False, True))
+    assert fine.token_buckets() == [16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert set(coarse.token_buckets()) < set(fine.token_buckets())
+    assert all(n % PREFILL_TILE == 0 for n in fine.token_buckets() if n >= PREFILL_TILE)
+    for n in range(129, 2049):
+        b = token_bucket(n, True)
+        assert n <= b and (b - n) * 3 < b + 48 and b in fine.token_buckets()
+
+
+def test_a_cpu_runner_uses_the_fine_token_buckets(tmp_path):
+    llm = _tiny_llm(tmp_path, max_num_batched_tokens=256, max_model_len=256)
+    assert llm.runner.input_builder.fine_token_buckets is True
+    assert 192 in llm.runner.cut_buckets()
+
+
 @pytest.mark.parametrize("dtype,pack,single_row", [("float32", False, True), ("bfloat16", False, False),
                                                   ("float32", True, True), ("bfloat16", True, True)])
 def test_single_stream_row_follows_the_weights(tmp_path, dtype, pack, single_row):
