@@ -9,8 +9,8 @@ scheduler does, up to `max_mixed_step_tokens` in all while there are decode rows
 128 tokens up, so shorter mixed steps give running requests their tokens sooner
 and the first prompts in the queue their first token sooner, at no cost in
 throughput; by default the cap follows the queue: one smallest bucket while few
-prompt tokens wait, then what drains the queue in about two steps): a step with prompt chunks is a mixed step (decode rows first,
-`num_decode` of them) and the running sequences keep generating while new
+prompt tokens wait, then what drains the queue in about two steps): a step with
+prompt chunks is a mixed step (decode rows first, `num_decode` of them) and the running sequences keep generating while new
 requests are prefilled, instead of waiting for every prefill step to pass. A
 step that had to preempt admits no new request (the victim would come straight
 back).
@@ -54,7 +54,7 @@ class Scheduler:
         self.token_buckets = sorted(token_buckets)
         self.mixed_step_tokens = config.max_mixed_step_tokens or \
             (2 * self.token_buckets[0] if self.token_buckets else config.max_num_batched_tokens)
-        # By default the cap follows the load: one smallest bucket while the queue is short.
+        # By default the cap follows the queue: one smallest bucket while it is short.
         self.light_step_tokens = self.token_buckets[0] \
             if config.max_mixed_step_tokens is None and self.token_buckets else self.mixed_step_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -107,11 +107,12 @@ class Scheduler:
         num_decode = decode.num_tokens if decode else 0
         admit = not self.swapped and self.num_preemptions == preemptions
         budget = max(0, self.config.max_num_batched_tokens - num_decode)
+        queued = sum(s.num_uncomputed_tokens for s in self.waiting)  # prompt tokens not admitted
         if num_decode:  # the decode rows wait for the whole step: keep it short (at least
             # half the cap goes to prompts, so that they never starve)
-            cap = self._mixed_step_cap()
+            cap = self._mixed_step_cap(queued)
             budget = min(budget, max(cap - num_decode, cap // 2))
-        budget = self._fit_bucket(num_decode, budget, admit)
+        budget = self._fit_bucket(num_decode, budget, queued if admit else 0)
         prefill = self._schedule_prefill(ops, admit=admit, budget=budget)
         batch = prefill or decode
         if prefill and decode:
@@ -134,7 +135,7 @@ class Scheduler:
         return [s for s in self.running
                 if s.num_uncomputed_tokens > 1 or (s.pending_forks and s.num_uncomputed_tokens)]
 
-    def _mixed_step_cap(self) -> int:
+    def _mixed_step_cap(self, queued: int) -> int:
         """Tokens a step with decode rows may hold, by default following the queue (the
         prompt tokens waiting to be admitted). Short queue (at most `mixed_step_tokens`): one
         smallest bucket, so a prompt that arrives waits behind one short step at most, and
@@ -145,23 +146,20 @@ class Scheduler:
         cost, so the last prompt of a burst gets its first token sooner."""
         if self.light_step_tokens == self.mixed_step_tokens:
             return self.mixed_step_tokens
-        queued = sum(seq.num_uncomputed_tokens for seq in self.waiting)
         if queued <= self.mixed_step_tokens:
             return self.light_step_tokens
         half = -(-queued // 2)
         fits = [b for b in self.token_buckets if b >= half]
         return max(self.mixed_step_tokens, fits[0] if fits else self.config.max_num_batched_tokens)
 
-    def _fit_bucket(self, num_decode: int, budget: int, admit: bool) -> int:
+    def _fit_bucket(self, num_decode: int, budget: int, queued: int) -> int:
         """The prefill budget, cut so that the step ends on a token bucket when it would spill
         up to half the way to the next one (which it would be padded to: 10 decode rows and
-        a 128-token prompt would run a 256-token step; instead 118 prompt tokens go now, in
-        a 128-token step, and 10 with the next step), and the cut keeps at least half of
-        the prompt tokens waiting."""
-        wanted = sum(s.num_uncomputed_tokens for s in self._partial())
-        if admit:
-            wanted += sum(s.num_uncomputed_tokens for s in self.waiting)
-        wanted = min(wanted, budget)
+        a 128-token prompt would run a 192-token step on the CPU, 256 on a GPU; instead 118
+        prompt tokens go now, in a 128-token step, and 10 with the next step), and the cut
+        keeps at least half of the prompt tokens waiting (`queued`: those not admitted yet
+        that this step may admit)."""
+        wanted = min(sum(s.num_uncomputed_tokens for s in self._partial()) + queued, budget)
         total = num_decode + wanted
         lower = max((b for b in self.token_buckets if b <= total), default=total)
         upper = min((b for b in self.token_buckets if b > total), default=2 * lower)
