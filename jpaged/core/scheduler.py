@@ -10,10 +10,10 @@ scheduler does, up to `max_mixed_step_tokens` in all while there are decode rows
 and the first prompts in the queue their first token sooner, at no cost in
 throughput; by default the cap follows the queue: one smallest bucket while few
 prompt tokens wait, then what drains the queue in about two steps): a step with
-prompt chunks is a mixed step (decode rows first, `num_decode` of them) and the running sequences keep generating while new
-requests are prefilled, instead of waiting for every prefill step to pass. A
-step that had to preempt admits no new request (the victim would come straight
-back).
+prompt chunks is a mixed step (decode rows first, `num_decode` of them) and the
+running sequences keep generating while new requests are prefilled, instead of
+waiting for every prefill step to pass. A step that had to preempt admits no
+new request (the victim would come straight back).
 
 Sharing: a request with `best_of > 1` is admitted as one sequence; when its
 prompt's last chunk is scheduled, the other samples are forked from it (sharing
@@ -149,8 +149,9 @@ class Scheduler:
         if queued <= self.mixed_step_tokens:
             return self.light_step_tokens
         half = -(-queued // 2)
-        fits = [b for b in self.token_buckets if b >= half]
-        return max(self.mixed_step_tokens, fits[0] if fits else self.config.max_num_batched_tokens)
+        drains = min((b for b in self.token_buckets if b >= half),
+                     default=self.config.max_num_batched_tokens)
+        return max(self.mixed_step_tokens, drains)
 
     def _fit_bucket(self, num_decode: int, budget: int, queued: int) -> int:
         """The prefill budget, cut so that the step ends on a token bucket when it would spill
