@@ -4,7 +4,9 @@
 Each is one small jitted gather and a loop of block writes along the backend's
 `block_axis`, on both pools at once, with the pool donated (updated in place, float32 and
 bfloat16 alike). Block lists are padded to power-of-two lengths (at least 8), so only a
-handful of variants ever compile; the loop stops at the real count.
+handful of variants ever compile; the loop stops at the real count. Swaps go in chunks of
+at most `SWAP_CHUNK` blocks, so their variants are four (8 to 64) and warm up at start-up
+(`warm_swaps`), whatever a request group holds.
 
 `HostKVPool` is the swap space: numpy arrays in the device pool's layout with
 `num_host_blocks` blocks, allocated lazily by the OS (zero pages until written).
@@ -50,6 +52,13 @@ def _scatter(pool, blocks, values, count, axis: int):
     return tuple(_put_blocks(p, v, blocks, count, axis) for p, v in zip(pool, values))
 
 
+SWAP_CHUNK = 64  # blocks per swap call: a 64-block chunk of SmolLM2-135M float32 is 47 MB
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(i, min(n, i + SWAP_CHUNK)) for i in range(0, n, SWAP_CHUNK)] or [slice(0, 0)]
+
+
 def _padded(ids, fill: int) -> np.ndarray:
     out = np.full(next_power_of_2(len(ids), 8), fill, np.int32)
     out[:len(ids)] = ids
@@ -72,21 +81,40 @@ def warm_copies(pool, max_pairs: int, axis: int):
 
 def gather_blocks(pool, blocks, axis: int) -> tuple[np.ndarray, ...]:
     """Host (numpy) copies of `blocks` of each pool, in order."""
-    out = jax.device_get(_gather(pool, _padded(blocks, 0), axis=axis))
-    return tuple(np.asarray(o)[_index(axis, slice(0, len(blocks)))] for o in out)
+    parts = []
+    for c in _chunks(len(blocks)):
+        out = jax.device_get(_gather(pool, _padded(blocks[c], 0), axis=axis))
+        parts.append(tuple(np.asarray(o)[_index(axis, slice(0, c.stop - c.start))] for o in out))
+    return tuple(np.concatenate(p, axis=axis) for p in zip(*parts))
 
 
 def scatter_blocks(pool, blocks, values, axis: int):
     """pool with `blocks` overwritten by host arrays `values` (one per pool)."""
-    n = len(blocks)
-    padded = []
-    for v in values:
-        shape = list(v.shape)
-        shape[axis] = next_power_of_2(n, 8)
-        buf = np.zeros(shape, v.dtype)
-        buf[_index(axis, slice(0, n))] = v
-        padded.append(buf)
-    return _scatter(pool, _padded(blocks, 0), tuple(padded), np.int32(n), axis=axis)
+    for c in _chunks(len(blocks)):
+        n = c.stop - c.start
+        padded = []
+        for v in values:
+            shape = list(v.shape)
+            shape[axis] = next_power_of_2(n, 8)
+            buf = np.zeros(shape, v.dtype)
+            buf[_index(axis, slice(0, n))] = v[_index(axis, c)]
+            padded.append(buf)
+        pool = _scatter(pool, _padded(blocks[c], 0), tuple(padded), np.int32(n), axis=axis)
+    return pool
+
+
+def warm_swaps(pool, max_blocks: int, axis: int):
+    """Compile the swap gather and scatter for every chunk length a swap of up to
+    `max_blocks` blocks uses, by running each (the scatter with a count of 0: it writes
+    nothing)."""
+    shape = list(pool[0].shape)
+    for n in sorted({next_power_of_2(k, 8) for k in range(1, min(max_blocks, SWAP_CHUNK) + 1)}):
+        ids = np.zeros(n, np.int32)
+        jax.block_until_ready(_gather(pool, ids, axis=axis))
+        shape[axis] = n
+        values = tuple(np.zeros(shape, p.dtype) for p in pool)
+        pool = _scatter(pool, ids, values, np.int32(0), axis=axis)
+    return pool
 
 
 class HostKVPool:

@@ -177,12 +177,16 @@ class ModelRunner:
 
     def warmup(self, items=None, workers: int = 2, progress=None) -> int:
         """Compile (or load) `items` (default: every executable `executables_needed` lists),
-        running none, and the block-copy variants; returns how many executables there are."""
+        running none, and the block-copy (and, with swap space, swap) variants; returns how
+        many executables there are."""
         items = items if items is not None else self.executables_needed()
         self.executables.build(items, workers, progress)
         # Copy-on-write block copies (samples and beams sharing a last block), every length.
         self.kv_pool = block_ops.warm_copies(self.kv_pool, self.input_builder.max_num_seqs,
                                              self.backend.block_axis)
+        if self.host_pool.num_blocks:  # swap preemption: every chunk length a swap uses
+            self.kv_pool = block_ops.warm_swaps(self.kv_pool, self.host_pool.num_blocks,
+                                                self.backend.block_axis)
         return len(items)
 
     def lower(self, shape: tuple[int, int, int, int]):

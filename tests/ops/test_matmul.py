@@ -26,6 +26,7 @@ def _case(rng, M, K, N, dtype):
     (13, 576, 960), (64, 1536, 576),  # decode rows of SmolLM2's shapes
     (145, 300, 64), (300, 257, 80),  # more than one block of rows, partial slices of K
     (1000, 600, 32),
+    (512, 576, 256), (150, 576, 48),  # rows and panels split evenly over the threads; few panels
 ])
 def test_kernel_matches_xla_dot(M, K, N, dtype):
     rng = np.random.default_rng(M * 1000 + K + N)

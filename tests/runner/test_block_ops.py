@@ -49,3 +49,27 @@ def test_block_copy_and_swap_in_are_in_place(dtype):
     for compiled in (block_ops._copy.trace(pool, ids, ids, count, axis=1).lower().compile(),
                      block_ops._scatter.trace(pool, ids, values, count, axis=1).lower().compile()):
         assert compiled.memory_analysis().temp_size_in_bytes < pool_bytes // 8
+
+
+def test_swaps_go_in_chunks_that_warm_up_compiles_ahead():
+    """A swap of more blocks than `SWAP_CHUNK` goes in chunks, each of a length `warm_swaps`
+    compiled: the swap then compiles nothing, and every block lands where it should."""
+    from jpaged.runner import block_ops
+    rng = np.random.default_rng(1)
+    axis, shape = 1, [2, 300, 2, 3, 4]
+    pool = tuple(jnp.asarray(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
+    before = [np.asarray(p) for p in pool]
+    pool = block_ops.warm_swaps(pool, 200, axis)
+    for got, want in zip(pool, before):  # warm-up writes nothing
+        np.testing.assert_array_equal(np.asarray(got), want)
+    sizes = (block_ops._gather._cache_size(), block_ops._scatter._cache_size())
+    src = rng.permutation(300)[:150]  # 64 + 64 + 22 blocks
+    dst = rng.permutation(300)[:150]
+    values = gather_blocks(pool, src.tolist(), axis)
+    pool = scatter_blocks(pool, dst.tolist(), values, axis)
+    assert (block_ops._gather._cache_size(), block_ops._scatter._cache_size()) == sizes
+    for got, old in zip(pool, before):
+        got = np.asarray(got)
+        np.testing.assert_array_equal(np.take(got, dst, axis=axis), np.take(old, src, axis=axis))
+        rest = np.setdiff1d(np.arange(300), dst)
+        np.testing.assert_array_equal(np.take(got, rest, axis=axis), np.take(old, rest, axis=axis))
