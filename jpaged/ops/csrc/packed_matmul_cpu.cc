@@ -78,14 +78,13 @@ inline void rest(int64_t rows, const float* x, int64_t ldx, const T* w, int64_t 
 
 // Blocking for many rows (prefill), as BLIS blocks for Zen: rows of x in blocks of kBlockRows
 // (12 tiles: 72 rows with AVX2, 144 with AVX-512) and K in slices of kSliceK. A block's slice
-// of x is packed tile by tile (`pack_tile`) into the worker's scratch, which stays in L2; a
+// of x is packed tile by tile (`pack_tile`) into the thread's scratch, which stays in L2; a
 // panel's slice (256 x 16) stays in L1 while every tile of the block multiplies it. Packed, a
 // tile reads its x as one sequential stream (strided rows ran the same loop at about 0.85x).
 // One block of rows whose x fits L2 (decode) reads each panel once, whole, straight from
 // memory, and x in place: the weights are the stream there.
 constexpr int64_t kBlockRows = 12 * kRows;
 constexpr int64_t kSliceK = 256;
-constexpr int64_t kScratch = kBlockRows * kSliceK;  // floats of one block's packed slice
 
 // Rows [m, m + rows) of x [., K], columns [k0, k0 + kn) -> xp [kn][kRows] (missing rows 0).
 inline void pack_tile(const float* x, int64_t K, int64_t m, int64_t rows, int64_t k0, int64_t kn, float* xp) {
@@ -98,10 +97,10 @@ inline void pack_tile(const float* x, int64_t K, int64_t m, int64_t rows, int64_
   }
 }
 
-// Rows [m0, m1) of x [M, K] times panels [p0, p1) of w -> y [M, N]; `scratch` holds kScratch.
+// Rows [m0, m1) of x [M, K] times panels [p0, p1) of w -> y [M, N].
 template <typename T>
 void block(const float* x, int64_t m0, int64_t m1, int64_t K, const T* w, int64_t p0, int64_t p1,
-           float* y, int64_t N, float* scratch) {
+           float* y, int64_t N) {
   if (m1 - m0 <= kBlockRows && (m1 - m0) * K <= kBlockRows * kSliceK * 4) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t m = m0; m < m1; m += kRows) {
@@ -111,6 +110,10 @@ void block(const float* x, int64_t m0, int64_t m1, int64_t K, const T* w, int64_
       }
     return;
   }
+  // One block's packed slice, per thread for its lifetime (XLA's pool threads live long): a
+  // buffer per call would be allocated and cleared for every decode-sized dot too.
+  static thread_local std::vector<float> buffer(kBlockRows * kSliceK);
+  float* scratch = buffer.data();
   for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
     const int64_t kn = std::min(kSliceK, K - k0);
     for (int64_t m = m0; m < m1; m += kRows)
@@ -162,13 +165,13 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
     while (chunks < P && (blocks * chunks) % threads) ++chunks;
   }
   parallel_for(pool, blocks * chunks, [&] {
-    return [&, scratch = std::vector<float>(kScratch)](int64_t i) mutable {
+    return [&](int64_t i) {
       const int64_t b = i / chunks, c = i % chunks;
       const int64_t m0 = std::min(M, tiles * b / blocks * kRows), m1 = std::min(M, tiles * (b + 1) / blocks * kRows);
       const int64_t p0 = P * c / chunks, p1 = P * (c + 1) / chunks;
       if (m0 >= m1 || p0 >= p1) return;
-      if (bf16) block(xs, m0, m1, K, static_cast<const uint16_t*>(ws), p0, p1, ys, N, scratch.data());
-      else block(xs, m0, m1, K, static_cast<const float*>(ws), p0, p1, ys, N, scratch.data());
+      if (bf16) block(xs, m0, m1, K, static_cast<const uint16_t*>(ws), p0, p1, ys, N);
+      else block(xs, m0, m1, K, static_cast<const float*>(ws), p0, p1, ys, N);
     };
   });
   return ffi::Error::Success();
