@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -101,33 +102,32 @@ inline void pack_tile(const float* x, int64_t K, int64_t m, int64_t rows, int64_
 template <typename T>
 void block(const float* x, int64_t m0, int64_t m1, int64_t K, const T* w, int64_t p0, int64_t p1,
            float* y, int64_t N) {
-  if (m1 - m0 <= kBlockRows && (m1 - m0) * K <= kBlockRows * kSliceK * 4) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t m = m0; m < m1; m += kRows) {
-        const int64_t r = std::min<int64_t>(kRows, m1 - m);
-        if (r == kRows) tile<kRows, T>(x + m * K, K, w + p * K * kPanel, K, y + m * N + p * kPanel, N, false);
-        else rest<T>(r, x + m * K, K, w + p * K * kPanel, K, y + m * N + p * kPanel, N, false);
-      }
-    return;
-  }
   // One block's packed slice, per thread for its lifetime (XLA's pool threads live long): a
   // buffer per call would be allocated and cleared for every decode-sized dot too.
   static thread_local std::vector<float> buffer(kBlockRows * kSliceK);
   float* scratch = buffer.data();
+  // Every tile of the block times the slice [k0, k0 + kn) of panel p; x read in place, or
+  // (`packed`) from this slice's packed tiles in `scratch`.
+  auto tiles = [&](auto packed, int64_t k0, int64_t kn, int64_t p) {
+    constexpr bool kPacked = decltype(packed)::value;
+    const T* wp = w + (p * K + k0) * kPanel;
+    for (int64_t m = m0; m < m1; m += kRows) {
+      const int64_t r = std::min<int64_t>(kRows, m1 - m);
+      const float* xt = kPacked ? scratch + (m - m0) * kn : x + m * K + k0;
+      float* yp = y + m * N + p * kPanel;
+      if (r == kRows) tile<kRows, T, kPacked>(xt, K, wp, kn, yp, N, k0 > 0);
+      else rest<T, kPacked>(r, xt, K, wp, kn, yp, N, k0 > 0);
+    }
+  };
+  if (m1 - m0 <= kBlockRows && (m1 - m0) * K <= kBlockRows * kSliceK * 4) {
+    for (int64_t p = p0; p < p1; ++p) tiles(std::false_type{}, 0, K, p);
+    return;
+  }
   for (int64_t k0 = 0; k0 < K; k0 += kSliceK) {
     const int64_t kn = std::min(kSliceK, K - k0);
     for (int64_t m = m0; m < m1; m += kRows)
       pack_tile(x, K, m, std::min<int64_t>(kRows, m1 - m), k0, kn, scratch + (m - m0) * kn);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* wp = w + (p * K + k0) * kPanel;
-      for (int64_t m = m0; m < m1; m += kRows) {
-        const int64_t r = std::min<int64_t>(kRows, m1 - m);
-        const float* xp = scratch + (m - m0) * kn;
-        float* yp = y + m * N + p * kPanel;
-        if (r == kRows) tile<kRows, T, true>(xp, 0, wp, kn, yp, N, k0 > 0);
-        else rest<T, true>(r, xp, 0, wp, kn, yp, N, k0 > 0);
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p) tiles(std::true_type{}, k0, kn, p);
   }
 }
 
