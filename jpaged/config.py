@@ -37,9 +37,11 @@ class EngineConfig:
     max_mixed_step_tokens: int | None = config_field(
         None, "most tokens in a step that also decodes running sequences, which wait for the "
               "whole step: prompts beyond it are prefilled in the next steps [default: follows "
-              "the queue: the smallest token bucket the scheduler cuts to (128 on the CPU, 512 "
-              "on a GPU) while at most twice that many prompt tokens wait to be admitted, then "
-              "what drains the queue in about two steps, at least twice the bucket]")
+              "the queue: the smallest token bucket the scheduler cuts to (512 on a GPU) while at "
+              "most twice that many prompt tokens wait to be admitted, then what drains the "
+              "queue in about two steps, at least twice the bucket; on the CPU, whose dense "
+              "layers skip padding, 4 times its 128 (512) while at most that many wait, then "
+              "what drains the queue in about two steps, at least 512]")
     max_model_len: int | None = config_field(
         None, "most tokens (prompt + output) of one sequence [default: the model's context length]")
     dtype: str = config_field("auto", "weights and compute dtype; auto = float32 on CPU, bfloat16 "

@@ -89,11 +89,13 @@ class Linear(nn.Module):
     packed: bool = False  # kernel in panels, [features / PANEL, in, PANEL], where features allow
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, num_rows=None):
+        """`num_rows`: how many leading rows of x are real (the rest is a bucket's padding,
+        which the packed kernel skips, leaving zeros); None: all."""
         if self.packed and packable(self.features):
             kernel = self.param("kernel", _init, (self.features // PANEL, x.shape[-1], PANEL),
                                 self.param_dtype)
-            y = packed_matmul(x, kernel)
+            y = packed_matmul(x, kernel, num_rows=num_rows)
         else:
             kernel = self.param("kernel", _init, (x.shape[-1], self.features), self.param_dtype)
             y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
@@ -121,10 +123,11 @@ class Embedding(nn.Module):
     def __call__(self, ids):
         return embedding_lookup(self.embedding, ids) if self._is_packed() else self.embedding[ids]
 
-    def attend(self, h):
-        """h [B, hidden] -> f32 [B, V]: h times the embeddings' transpose (the tied head)."""
+    def attend(self, h, num_rows=None):
+        """h [B, hidden] -> f32 [B, V]: h times the embeddings' transpose (the tied head);
+        `num_rows` as for `Linear`."""
         if self._is_packed():
-            return packed_matmul(h, self.embedding)
+            return packed_matmul(h, self.embedding, num_rows=num_rows)
         # Contract with the embedding as it lies: an explicit `.T` makes XLA's CPU backend
         # transpose the whole [vocab, hidden] matrix every step (4.8x slower in bf16).
         return jax.lax.dot_general(h.astype(self.embedding.dtype), self.embedding,
@@ -145,19 +148,20 @@ class DecoderLayer(nn.Module):
         c = self.config
         H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         N = h.shape[0]
+        rows = meta.query_start_loc[-1]  # real tokens; the bucket's padding follows them
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
         dense = functools.partial(Linear, param_dtype=self.param_dtype, packed=self.packed)
-        qkv = dense((H + 2 * KV) * D, c.attention_bias, name="qkv_proj")(x)
+        qkv = dense((H + 2 * KV) * D, c.attention_bias, name="qkv_proj")(x, rows)
         q = apply_rope(qkv[:, :H * D].reshape(N, H, D), cos, sin)
         k = apply_rope(qkv[:, H * D:(H + KV) * D].reshape(N, KV, D), cos, sin)
         v = qkv[:, (H + KV) * D:].reshape(N, KV, D)
         k_pool, v_pool = self.backend.write(k_pool, v_pool, layer, k, v, meta.slot_mapping)
         attn = self.backend.attend(q, k_pool, v_pool, layer, meta, scale=D ** -0.5)
-        h = h + dense(c.hidden_size, name="o_proj")(attn.reshape(N, H * D))
+        h = h + dense(c.hidden_size, name="o_proj")(attn.reshape(N, H * D), rows)
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h)
-        gate_up = dense(2 * c.intermediate_size, name="gate_up_proj")(x)
+        gate_up = dense(2 * c.intermediate_size, name="gate_up_proj")(x, rows)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        h = h + dense(c.hidden_size, name="down_proj")(nn.silu(gate) * up)
+        h = h + dense(c.hidden_size, name="down_proj")(nn.silu(gate) * up, rows)
         return ((h, k_pool, v_pool), None) if self.scanned else (h, k_pool, v_pool)
 
 
@@ -197,10 +201,13 @@ class LlamaForCausalLM(nn.Module):
                     carry, i, cos, sin, meta)
         h, k_pool, v_pool = carry
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h[logits_index])
+        # Sampled rows: the real sequences come first; padding ones have no context.
+        num_seqs = jnp.sum(meta.context_lens > 0, dtype=jnp.int32)
         if c.tie_word_embeddings:
-            logits = embed.attend(h)
+            logits = embed.attend(h, num_seqs)
         else:
-            logits = Linear(c.vocab_size, False, self.param_dtype, self.packed_weights, name="lm_head")(h)
+            logits = Linear(c.vocab_size, False, self.param_dtype, self.packed_weights, name="lm_head")(
+                h, num_seqs)
         return logits, (k_pool, v_pool)
 
 

@@ -9,7 +9,8 @@ scheduler does, up to `max_mixed_step_tokens` in all while there are decode rows
 128 tokens up, so shorter mixed steps give running requests their tokens sooner
 and the first prompts in the queue their first token sooner, at no cost in
 throughput; by default the cap follows the queue: one smallest bucket while few
-prompt tokens wait, then what drains the queue in about two steps): a step with
+prompt tokens wait, four where padding is free, then what drains the queue in
+about two steps): a step with
 prompt chunks is a mixed step (decode rows first, `num_decode` of them) and the
 running sequences keep generating while new requests are prefilled, instead of
 waiting for every prefill step to pass. A step that had to preempt admits no
@@ -44,19 +45,27 @@ from .sequence import Sequence, SequenceStatus
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager,
-                 token_buckets: Seq[int] = ()):
+                 token_buckets: Seq[int] = (), padding_is_free: bool = False):
         """`token_buckets`: the token counts a prefill step is padded up to (the runner's
-        compiled sizes); a step that would spill a little past one is cut back to it. A
-        step with decode rows holds at most `max_mixed_step_tokens` (default: following the
-        queue, `_mixed_step_cap`)."""
+        compiled sizes); a step that would spill a little past one is cut back to it, unless
+        `padding_is_free` (the runner's dense layers skip a bucket's padding rows, as the
+        CPU's packed matmul does: a cut would only add a step). A step with decode rows
+        holds at most `max_mixed_step_tokens` (default: following the queue,
+        `_mixed_step_cap`)."""
         self.config = config
         self.block_manager = block_manager
         self.token_buckets = sorted(token_buckets)
-        self.mixed_step_tokens = config.max_mixed_step_tokens or \
-            (2 * self.token_buckets[0] if self.token_buckets else config.max_num_batched_tokens)
-        # By default the cap follows the queue: one smallest bucket while it is short.
-        self.light_step_tokens = self.token_buckets[0] \
-            if config.max_mixed_step_tokens is None and self.token_buckets else self.mixed_step_tokens
+        self.cut_to_buckets = not padding_is_free
+        # By default the cap follows the queue (`_mixed_step_cap`): while it is short, one
+        # smallest bucket; with free padding, four of them (512 on the CPU), so that most
+        # prompts go whole beside the decode rows: a split only delays the first token.
+        self.follows_queue = config.max_mixed_step_tokens is None and bool(self.token_buckets)
+        self.mixed_step_tokens = config.max_mixed_step_tokens or config.max_num_batched_tokens
+        self.light_step_tokens = self.mixed_step_tokens
+        if self.follows_queue:
+            smallest = self.token_buckets[0]
+            self.light_step_tokens = 4 * smallest if padding_is_free else smallest
+            self.mixed_step_tokens = max(2 * smallest, self.light_step_tokens)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.swapped: collections.deque[list[Sequence]] = collections.deque()  # groups, first in first
@@ -138,13 +147,13 @@ class Scheduler:
     def _mixed_step_cap(self, queued: int) -> int:
         """Tokens a step with decode rows may hold, by default following the queue (the
         prompt tokens waiting to be admitted). Short queue (at most `mixed_step_tokens`): one
-        smallest bucket, so a prompt that arrives waits behind one short step at most, and
-        two that arrive together get their first tokens one after the other. Longer: the
-        bucket that drains the queue in about two steps, at least `mixed_step_tokens`: the
+        smallest bucket (four with free padding), so a prompt that arrives waits behind one
+        short step at most, and two that arrive together get their first tokens one after
+        the other. Longer: the bucket that drains the queue in about two steps, at least `mixed_step_tokens`: the
         running requests wait for the queue to drain whatever the steps are (the cost per
         token is flat), and fewer steps spend less on the decode rows and each step's fixed
         cost, so the last prompt of a burst gets its first token sooner."""
-        if self.light_step_tokens == self.mixed_step_tokens:
+        if not self.follows_queue:
             return self.mixed_step_tokens
         if queued <= self.mixed_step_tokens:
             return self.light_step_tokens
@@ -159,7 +168,9 @@ class Scheduler:
         a 128-token prompt would run a 192-token step on the CPU, 256 on a GPU; instead 118
         prompt tokens go now, in a 128-token step, and 10 with the next step), and the cut
         keeps at least half of the prompt tokens waiting (`queued`: those not admitted yet
-        that this step may admit)."""
+        that this step may admit). With free padding there is nothing to cut for."""
+        if not self.cut_to_buckets:
+            return budget
         wanted = min(sum(s.num_uncomputed_tokens for s in self._partial()) + queued, budget)
         total = num_decode + wanted
         lower = max((b for b in self.token_buckets if b <= total), default=total)

@@ -80,7 +80,8 @@ class EngineCore:
                                   executables=self._executable_table(loaded, kv))
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching, kv.num_host_blocks)
-        self.scheduler = Scheduler(config, self.block_manager, self.runner.cut_buckets())
+        self.scheduler = Scheduler(config, self.block_manager, self.runner.cut_buckets(),
+                                   padding_is_free=self.runner.padding_is_free)
         self.input_processor = InputProcessor(self.tokenizer, loaded.config.vocab_size, kv.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer, eos, kv.max_model_len)
         self.requests: dict[str, Request] = {}  # unfinished requests by id

@@ -64,18 +64,27 @@ def embedding_lookup(wp, ids):
 load, available = build.ffi_library(SOURCE, "matmul kernel", {TARGET: "JpagedPackedMatmul"})
 
 
-def packed_matmul_reference(x, wp):
-    """x [M, K] @ the packed weights wp [P, K, PANEL] -> f32 [M, P * PANEL], by XLA's dot."""
+def packed_matmul_reference(x, wp, num_rows=None):
+    """x [M, K] @ the packed weights wp [P, K, PANEL] -> f32 [M, P * PANEL], by XLA's dot;
+    rows from `num_rows` on are zero."""
     y = jnp.einsum("mk,pkn->mpn", x.astype(wp.dtype), wp, preferred_element_type=jnp.float32)
-    return y.reshape(x.shape[0], -1)
+    y = y.reshape(x.shape[0], -1)
+    if num_rows is not None:
+        y = jnp.where(jnp.arange(x.shape[0])[:, None] < num_rows, y, 0.0)
+    return y
 
 
-def packed_matmul(x, wp, use_kernel: bool = True):
+def packed_matmul(x, wp, use_kernel: bool = True, num_rows=None):
     """x [M, K] @ the packed weights wp [P, K, PANEL] -> f32 [M, P * PANEL]: the C++ kernel for
-    float32 and bfloat16 weights, XLA's dot for other dtypes or with `use_kernel=False`."""
+    float32 and bfloat16 weights, XLA's dot for other dtypes or with `use_kernel=False`.
+
+    `num_rows` (an int32 scalar, traced or not; default M): the rows of x that are real, the
+    rest padding. The kernel multiplies only those and writes zeros below them, so a step
+    padded up to its bucket pays for its real tokens in the dense layers."""
     if not use_kernel or wp.dtype not in (jnp.float32, jnp.bfloat16):
-        return packed_matmul_reference(x, wp)
+        return packed_matmul_reference(x, wp, num_rows)
     load()
     x = x.astype(wp.dtype).astype(jnp.float32)  # the rounding jnp.dot(x.astype(w.dtype), w) does
+    rows = jnp.asarray(x.shape[0] if num_rows is None else num_rows, jnp.int32).reshape(1)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], wp.shape[0] * PANEL), jnp.float32))
-    return call(x, wp)
+    return call(x, wp, rows)

@@ -90,10 +90,13 @@ class ModelRunner:
         single_row = jax.default_backend() == "cpu" and (
             getattr(module, "packed_weights", False)
             or jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32)
-        # On the CPU a prefill step costs in proportion to its tokens from 128 up (padding
-        # included: a 162-token prompt padded to 256 took as long as 256), so prefill steps
-        # also get the 3/4 buckets (192, 384, ...); a GPU's step stays near its
-        # weight-streaming time up to hundreds of tokens, and its buckets stay powers of two.
+        # On the CPU a prefill step costs in proportion to its tokens from 128 up. Packed
+        # dense layers skip a bucket's padding rows (`packed_matmul`'s num_rows), so padding
+        # costs only the rest of the step, about a quarter of a token each (the scheduler
+        # then cuts nothing back to a bucket); the 3/4 buckets (192, 384, ...) keep that
+        # small too. A GPU's step stays near its weight-streaming time up to hundreds of
+        # tokens, and its buckets stay powers of two.
+        self.padding_is_free = bool(getattr(module, "packed_weights", False))
         self.input_builder = InputBuilder(kv.block_size, max_num_seqs, max_num_batched_tokens,
                                           kv.max_model_len, single_row_decode=single_row,
                                           fine_token_buckets=jax.default_backend() == "cpu")

@@ -137,6 +137,32 @@ def test_two_prompts_arriving_together_under_a_light_load_start_one_after_the_ot
     assert steps == [[118], [10, 108], [20]]
 
 
+@pytest.mark.parametrize("num_decode,prompts,want", [
+    (10, [128], [128]),            # 138 tokens: whole, no 10-token tail for the next step
+    (60, [200], [200]),            # whole beside 60 decode rows
+    (10, [128, 128], [128, 128]),  # a short queue (256): both now
+    (10, [600], [502]),            # a queue (600): 512 in all, nothing cut back to 384
+    (10, [128] * 8, [128, 128, 128, 118]),  # 1,024 waiting: drained in about two 512 steps
+])
+def test_with_free_padding_nothing_is_cut_back_to_a_bucket(num_decode, prompts, want):
+    """Where the runner's dense layers skip padding rows (the CPU's packed matmul), a cut to
+    a bucket would only add a step that the prompt's first token waits for: prompts go whole
+    beside the decode rows, and the light cap is four smallest buckets (512 of 128)."""
+    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4)
+    sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[128, 192, 256, 384, 512, 768, 1024],
+                      padding_is_free=True)
+    assert sched.light_step_tokens == 512 and sched.mixed_step_tokens == 512
+    running = [_seq(3, f"d{i}") for i in range(num_decode)]
+    for seq in running:
+        sched.add(seq)
+    while running and any(s.num_uncomputed_tokens > 1 for s in running):
+        _run_step(sched.schedule())
+    for i, n in enumerate(prompts):
+        sched.add(_seq(n, f"p{i}"))
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [1] * num_decode + want
+
+
 def test_decodes_ride_along_with_a_new_prompt_in_one_mixed_step():
     cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
     sched = Scheduler(cfg, BlockManager(100, 4))

@@ -40,6 +40,23 @@ def test_kernel_matches_xla_dot(M, K, N, dtype):
     np.testing.assert_allclose(np.asarray(ref), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("M,rows", [(192, 138), (512, 400), (64, 5), (16, 0), (8, 8), (8, 20), (7, -3)])
+def test_kernel_multiplies_only_the_real_rows(M, rows):
+    """`num_rows` (traced, as the model passes a step's real token count): rows below it
+    are x @ w, rows from it on are zero (padding: never multiplied, never garbage); a count
+    past M is M, a negative one 0; XLA's reference path does the same."""
+    rng = np.random.default_rng(M + rows)
+    x, w = _case(rng, M, 576, 160, "float32")
+    x = x.at[min(max(rows, 0), M):].set(jnp.nan)  # padding rows, whatever they hold, stay out
+    got = np.asarray(jax.jit(matmul.packed_matmul)(x, matmul.pack(w), num_rows=jnp.int32(rows)))
+    real = min(max(rows, 0), M)
+    want = np.asarray(jnp.dot(x[:real], w, preferred_element_type=jnp.float32))
+    np.testing.assert_allclose(got[:real], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got[real:], 0.0)
+    ref = np.asarray(matmul.packed_matmul(jnp.nan_to_num(x), matmul.pack(w), use_kernel=False, num_rows=rows))
+    np.testing.assert_allclose(ref, got, rtol=1e-4, atol=1e-4)
+
+
 def test_kernel_rounds_x_to_bfloat16_weights_dtype():
     """With bfloat16 weights x is rounded to bfloat16 first, as jnp.dot(x.astype(w.dtype), w):
     a row that bfloat16 cannot hold exactly gives XLA's answer, not the float32 one."""

@@ -10,6 +10,10 @@
 //
 // bfloat16 panels widen to float32 in registers (exactly: their bits are a float32's top
 // half), so they are read at half the bytes; the sums are float32 either way.
+//
+// `rows` (an int32 scalar) is how many leading rows of x are real: a step's token and
+// sequence counts are padded to a few compiled sizes, and padding rows cost nothing here
+// (their rows of y are zero), so a 138-token step in a 192-token bucket multiplies 138 rows.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -132,12 +136,13 @@ void block(const float* x, int64_t m0, int64_t m1, int64_t K, const T* w, int64_
 }
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                        ffi::ResultBuffer<ffi::F32> y) {
+                        ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel)
     return ffi::Error::InvalidArgument("packed matmul: x [M, K] and packed weights [N / 16, K, 16]");
   if (wd[1] != xd[1]) return ffi::Error::InvalidArgument("packed matmul: x's K differs from the weights'");
+  if (rows.element_count() != 1) return ffi::Error::InvalidArgument("packed matmul: rows must be one int32");
   const auto dtype = w.element_type();
   if (dtype != ffi::F32 && dtype != ffi::BF16)
     return ffi::Error::InvalidArgument("packed matmul: weights must be float32 or bfloat16");
@@ -145,7 +150,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   const void* ws = w.untyped_data();
   float* ys = y->typed_data();
   const bool bf16 = dtype == ffi::BF16;
-  const int64_t M = xd[0], K = xd[1], P = wd[0], N = P * kPanel;
+  const int64_t P = wd[0], N = P * kPanel, K = xd[1];
+  const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);  // real rows
+  std::memset(ys + M * N, 0, sizeof(float) * (xd[0] - M) * N);
   if (M == 0 || P == 0) return ffi::Error::Success();
   if (K == 0) {
     std::memset(ys, 0, sizeof(float) * M * N);
@@ -184,4 +191,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedPackedMatmul, PackedMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
