@@ -21,6 +21,19 @@ def _run_step(batch):
             seq.token_ids.append(7)
 
 
+def _first_step_beside_decodes(sched, num_decode, prompts):
+    """New tokens per sequence of the first step after `prompts` arrive while `num_decode`
+    running sequences decode (their 3-token prompts prefilled first)."""
+    running = [_seq(3, f"d{i}") for i in range(num_decode)]
+    for seq in running:
+        sched.add(seq)
+    while running and any(s.num_uncomputed_tokens > 1 for s in running):
+        _run_step(sched.schedule())
+    for i, n in enumerate(prompts):
+        sched.add(_seq(n, f"p{i}"))
+    return sched.schedule().num_new_tokens
+
+
 def test_prefill_is_chunked_within_the_token_budget():
     cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, block_size=4)
     sched = Scheduler(cfg, BlockManager(100, 4))
@@ -51,15 +64,7 @@ def test_prefill_is_cut_back_to_a_token_bucket(num_decode, prompts, want):
     cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4,
                        max_mixed_step_tokens=2048)  # the cut alone
     sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[16, 32, 64, 128, 256, 512, 1024, 2048])
-    running = [_seq(3, f"d{i}") for i in range(num_decode)]
-    for seq in running:
-        sched.add(seq)
-    while running and any(s.num_uncomputed_tokens > 1 for s in running):
-        _run_step(sched.schedule())  # the seed prompts, themselves cut to buckets
-    for i, n in enumerate(prompts):
-        sched.add(_seq(n, f"p{i}"))
-    batch = sched.schedule()
-    assert batch.num_new_tokens == [1] * num_decode + want
+    assert _first_step_beside_decodes(sched, num_decode, prompts) == [1] * num_decode + want
     assert Scheduler(cfg, BlockManager(2000, 4)).token_buckets == []  # no buckets: no cut
 
 
@@ -74,15 +79,7 @@ def test_the_cut_follows_a_finer_bucket_ladder(num_decode, prompts, want):
                        max_mixed_step_tokens=2048)
     sched = Scheduler(cfg, BlockManager(2000, 4),
                       token_buckets=[128, 192, 256, 384, 512, 768, 1024, 1536, 2048])
-    running = [_seq(3, f"d{i}") for i in range(num_decode)]
-    for seq in running:
-        sched.add(seq)
-    if running:
-        _run_step(sched.schedule())
-    for i, n in enumerate(prompts):
-        sched.add(_seq(n, f"p{i}"))
-    batch = sched.schedule()
-    assert batch.num_new_tokens == [1] * num_decode + want
+    assert _first_step_beside_decodes(sched, num_decode, prompts) == [1] * num_decode + want
 
 
 @pytest.mark.parametrize("num_decode,prompts,cap,want", [
@@ -103,15 +100,7 @@ def test_a_step_with_decode_rows_is_capped(num_decode, prompts, cap, want):
     cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4,
                        max_mixed_step_tokens=cap)
     sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[128, 256, 512, 1024, 2048])
-    running = [_seq(3, f"d{i}") for i in range(num_decode)]
-    for seq in running:
-        sched.add(seq)
-    while running and any(s.num_uncomputed_tokens > 1 for s in running):
-        _run_step(sched.schedule())
-    for i, n in enumerate(prompts):
-        sched.add(_seq(n, f"p{i}"))
-    batch = sched.schedule()
-    assert batch.num_new_tokens == [1] * num_decode + want
+    assert _first_step_beside_decodes(sched, num_decode, prompts) == [1] * num_decode + want
 
 
 def test_two_prompts_arriving_together_under_a_light_load_start_one_after_the_other():
@@ -152,15 +141,7 @@ def test_with_free_padding_nothing_is_cut_back_to_a_bucket(num_decode, prompts, 
     sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[128, 192, 256, 384, 512, 768, 1024],
                       padding_is_free=True)
     assert sched.light_step_tokens == 512 and sched.mixed_step_tokens == 512
-    running = [_seq(3, f"d{i}") for i in range(num_decode)]
-    for seq in running:
-        sched.add(seq)
-    while running and any(s.num_uncomputed_tokens > 1 for s in running):
-        _run_step(sched.schedule())
-    for i, n in enumerate(prompts):
-        sched.add(_seq(n, f"p{i}"))
-    batch = sched.schedule()
-    assert batch.num_new_tokens == [1] * num_decode + want
+    assert _first_step_beside_decodes(sched, num_decode, prompts) == [1] * num_decode + want
 
 
 def test_decodes_ride_along_with_a_new_prompt_in_one_mixed_step():
