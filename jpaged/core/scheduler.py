@@ -149,10 +149,11 @@ class Scheduler:
         prompt tokens waiting to be admitted). Short queue (at most `mixed_step_tokens`): one
         smallest bucket (four with free padding), so a prompt that arrives waits behind one
         short step at most, and two that arrive together get their first tokens one after
-        the other. Longer: the bucket that drains the queue in about two steps, at least `mixed_step_tokens`: the
-        running requests wait for the queue to drain whatever the steps are (the cost per
-        token is flat), and fewer steps spend less on the decode rows and each step's fixed
-        cost, so the last prompt of a burst gets its first token sooner."""
+        the other. Longer: the bucket that drains the queue in about two steps, at least
+        `mixed_step_tokens`: the running requests wait for the queue to drain whatever the
+        steps are (the cost per token is flat), and fewer steps spend less on the decode
+        rows and each step's fixed cost, so the last prompt of a burst gets its first token
+        sooner."""
         if not self.follows_queue:
             return self.mixed_step_tokens
         if queued <= self.mixed_step_tokens:

@@ -87,16 +87,16 @@ class ModelRunner:
         # kernel reads them once whatever the rows) or float32 ones (XLA's dots take a
         # matrix-vector path): a SmolLM2-135M float32 step took 38 ms instead of 105-120 ms
         # padded to 8 rows. Not with unpacked bfloat16: 242 ms for 1 row against 63-71 ms.
+        packed = bool(getattr(module, "packed_weights", False))
         single_row = jax.default_backend() == "cpu" and (
-            getattr(module, "packed_weights", False)
-            or jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32)
+            packed or jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32)
         # On the CPU a prefill step costs in proportion to its tokens from 128 up. Packed
         # dense layers skip a bucket's padding rows (`packed_matmul`'s num_rows), so padding
         # costs only the rest of the step, about a quarter of a token each (the scheduler
         # then cuts nothing back to a bucket); the 3/4 buckets (192, 384, ...) keep that
         # small too. A GPU's step stays near its weight-streaming time up to hundreds of
         # tokens, and its buckets stay powers of two.
-        self.padding_is_free = bool(getattr(module, "packed_weights", False))
+        self.padding_is_free = packed
         self.input_builder = InputBuilder(kv.block_size, max_num_seqs, max_num_batched_tokens,
                                           kv.max_model_len, single_row_decode=single_row,
                                           fine_token_buckets=jax.default_backend() == "cpu")

@@ -151,13 +151,10 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   float* ys = y->typed_data();
   const bool bf16 = dtype == ffi::BF16;
   const int64_t P = wd[0], N = P * kPanel, K = xd[1];
-  const int64_t M = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);  // real rows
+  // Real rows; with K = 0 none to multiply: every row of y is zero, as padding rows are.
+  const int64_t M = K == 0 ? 0 : std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
   std::memset(ys + M * N, 0, sizeof(float) * (xd[0] - M) * N);
   if (M == 0 || P == 0) return ffi::Error::Success();
-  if (K == 0) {
-    std::memset(ys, 0, sizeof(float) * M * N);
-    return ffi::Error::Success();
-  }
   // Items are (a block of rows, a range of panels) of near-equal work, a multiple of the
   // threads in number: a last item of a few rows (512 rows: 7 blocks of 72 and one of 8) left
   // a core idle for most of an item.
