@@ -129,18 +129,20 @@ def test_two_prompts_arriving_together_under_a_light_load_start_one_after_the_ot
 @pytest.mark.parametrize("num_decode,prompts,want", [
     (10, [128], [128]),            # 138 tokens: whole, no 10-token tail for the next step
     (60, [200], [200]),            # whole beside 60 decode rows
-    (10, [128, 128], [128, 128]),  # a short queue (256): both now
-    (10, [600], [502]),            # a queue (600): 512 in all, nothing cut back to 384
-    (10, [128] * 8, [128, 128, 128, 118]),  # 1,024 waiting: drained in about two 512 steps
+    (10, [128, 128], [128, 128]),  # both now, not one after the other
+    (10, [600], [600]),            # nothing cut back to 384 or 512
+    (10, [128] * 8, [128] * 8),    # 1,024 waiting: all in one step
+    (48, [1000, 1000, 500], [1000, 1000]),  # the step budget (2,048): the rest waits
 ])
 def test_with_free_padding_nothing_is_cut_back_to_a_bucket(num_decode, prompts, want):
     """Where the runner's dense layers skip padding rows (the CPU's packed matmul), a cut to
-    a bucket would only add a step that the prompt's first token waits for: prompts go whole
-    beside the decode rows, and the light cap is four smallest buckets (512 of 128)."""
+    a bucket would only add a step that the prompt's first token waits for, and a CPU
+    step's cost per token falls as it grows: what waits goes whole beside the decode rows,
+    up to the step budget."""
     cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048, block_size=4)
     sched = Scheduler(cfg, BlockManager(2000, 4), token_buckets=[128, 192, 256, 384, 512, 768, 1024],
                       padding_is_free=True)
-    assert sched.light_step_tokens == 512 and sched.mixed_step_tokens == 512
+    assert not sched.follows_queue and sched.mixed_step_tokens == 2048
     assert _first_step_beside_decodes(sched, num_decode, prompts) == [1] * num_decode + want
 
 
