@@ -250,13 +250,16 @@ def test_api_key(tiny_server):
     from jpaged.entrypoints.openai.launcher import ServerHandle
     app = create_app(tiny_server.engine, "tiny", api_key="sekret")
     with ServerHandle(app, tiny_server.engine, own_engine=False) as h:
+        errors = metric_values(h.url).get("jpaged:request_errors_total", 0.0)
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
             r = httpx.post(h.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert r.headers["www-authenticate"] == "Bearer"
         assert httpx.get(h.url + "/v1/models").status_code == 401
         assert httpx.get(h.url + "/health").status_code == 200  # not under /v1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=h.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert metric_values(h.url)["jpaged:request_errors_total"] == errors + 5  # 401s count
         good = openai.OpenAI(base_url=h.url + "/v1", api_key="sekret", max_retries=0)
         check_normal_request(good)
 

@@ -71,6 +71,8 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
     app = FastAPI(title="jpaged", version=__version__,
                   description="OpenAI-compatible API of the jpaged engine")
     app.state.jpaged = state
+    # A trailing-slash redirect would build its Location from the client's Host header.
+    app.router.redirect_slashes = False
 
     def reply(exc: BaseException):
         status = classify(exc)[0]
@@ -85,6 +87,13 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and not content_type.split(";")[0].strip().lower().endswith("json"):
+            return reply(InvalidRequestError(
+                "the body must be JSON sent with 'Content-Type: application/json' (got "
+                f"{content_type[:100]!r})" if content_type else
+                "the body must be JSON sent with 'Content-Type: application/json' (no "
+                "Content-Type header was sent)"))
         return reply(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -122,11 +131,15 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         return P.ModelList(data=[P.ModelCard(id=n, root=n, max_model_len=state.max_model_len)
                                  for n in names])
 
+    for path, probe in (("/health", health), ("/ready", ready), ("/v1/models", models)):
+        # HEAD as GET (uvicorn sends no body), kept out of the schema: one operation a path
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
     @app.post("/v1/completions", response_model=P.CompletionResponse,
               responses=_stream_doc(P.CompletionResponse))
     async def completions(req: P.CompletionRequest, raw: Request):
         state.check_request(req)
-        prompts = state.prompts(req.prompt)
+        prompts = await state.offload(state.prompts, req.prompt)
         jobs = [(p, state.params(req, len(p.token_ids), req.max_tokens, req.logprobs)) for p in prompts]
         fmt = F.CompletionFormatter(req, names[0], [(p.text, p.token_ids) for p in prompts],
                                     state.decode, state.tokenizer)
@@ -136,11 +149,11 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
               responses=_stream_doc(P.ChatCompletionResponse))
     async def chat_completions(req: P.ChatCompletionRequest, raw: Request):
         state.check_request(req)
-        ids = state.chat_ids(req.messages, req.add_generation_prompt)
+        ids = await state.offload(state.chat_ids, req.messages, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         prompt = ProcessedPrompt(None, ids)
-        jobs = [(prompt, state.params(req, len(ids), max_tokens, logprobs))]
+        jobs = [(prompt, state.params(req, len(ids), max_tokens, logprobs, "messages"))]
         fmt = F.ChatFormatter(req, names[0], [(None, ids)], state.decode, state.tokenizer)
         return await state.respond(raw, req, jobs, fmt)
 
@@ -152,9 +165,9 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         if req.messages is not None:
             if not req.messages:
                 raise InvalidRequestError("messages is empty", "messages")
-            ids = state.chat_ids(req.messages, req.add_generation_prompt)
+            ids = await state.offload(state.chat_ids, req.messages, req.add_generation_prompt)
         else:
-            ids = state.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+            ids = await state.offload(state.text_ids, req.prompt, req.add_special_tokens)
         return P.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=list(ids))
 
     @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_ERRORS)
@@ -162,11 +175,11 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         state.check_model(req.model)
         if req.tokens:
             state.inputs.check_token_ids(req.tokens, "tokens")
-        return P.DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
+        return P.DetokenizeResponse(prompt=await state.offload(state.ids_text, req.tokens))
 
     _finish_schema(app, {"token_id": state.vocab_size - 1, "n": max_n, "logprobs": state.max_logprobs,
                          "max_tokens": state.max_model_len - 1})
-    app.add_middleware(Guard, api_key=api_key, max_bytes=max_request_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_bytes=max_request_bytes, on_error=state.metrics.error)
     return app
 
 

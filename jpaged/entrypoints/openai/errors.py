@@ -23,6 +23,9 @@ ERROR_STATUS = [
 
 def error_body(status: int, message: str, type: str, param: str | None = None,
                code: str | int | None = None) -> JSONResponse:
+    # A message may quote the client's text: one that is not Unicode (a lone surrogate)
+    # must not make the error itself unencodable.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
                         status_code=status)
 

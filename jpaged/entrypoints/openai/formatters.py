@@ -76,9 +76,11 @@ def message_text(message: ChatMessage) -> str:
         return message.content or ""
     texts = []
     for part in message.content:
-        if part.type != "text" or part.text is None:
-            raise InvalidRequestError(f"content part of type {part.type!r} is not supported: only "
-                                      "'text'", "messages")
+        if part.type != "text":
+            raise InvalidRequestError(f"content part of type {part.type[:50]!r} is not supported: "
+                                      "only 'text'", "messages")
+        if part.text is None:
+            raise InvalidRequestError("a content part of type 'text' needs a 'text' field", "messages")
         texts.append(part.text)
     return "".join(texts)
 

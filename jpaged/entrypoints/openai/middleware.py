@@ -1,12 +1,14 @@
 """ASGI middleware in front of the routes: the API key on protected paths and the request
-body size limit (by Content-Length, and by counting a body without one as it arrives)."""
+body size limit (by Content-Length, and by reading a body without one, up to the limit,
+before the app sees it)."""
 from __future__ import annotations
 
 import hmac
+from typing import Callable
 
 from jpaged.exceptions import AuthenticationError, RequestTooLargeError
 
-from .errors import error_response
+from .errors import classify, error_response
 
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")
 
@@ -16,8 +18,17 @@ def too_large(limit: int) -> RequestTooLargeError:
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_bytes: int):
-        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+    def __init__(self, app, api_key: str | None, max_bytes: int,
+                 on_error: Callable[[int], None] = lambda status: None):
+        """`on_error(status)`: counts the errors answered here (the server's metrics)."""
+        self.app, self.api_key, self.max_bytes, self.on_error = app, api_key, max_bytes, on_error
+
+    async def refuse(self, exc: Exception, scope, receive, send, headers=()):
+        self.on_error(classify(exc)[0])
+        response = error_response(exc)
+        for name, value in headers:
+            response.headers[name] = value
+        await response(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -27,18 +38,26 @@ class Guard:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 error = AuthenticationError("invalid or missing API key: send 'Authorization: Bearer KEY'")
-                return await error_response(error)(scope, receive, send)
+                return await self.refuse(error, scope, receive, send, [("WWW-Authenticate", "Bearer")])
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await error_response(too_large(self.max_bytes))(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await self.refuse(too_large(self.max_bytes), scope, receive, send)
+            return await self.app(scope, receive, send)
+        # No Content-Length (a chunked body): read it here, up to the limit, so that one over
+        # it is a 413 and not the app's parse error; the app then reads it as it came.
+        messages, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise too_large(self.max_bytes)
-            return message
-        return await self.app(scope, limited_receive, send)
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return await self.refuse(too_large(self.max_bytes), scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+        return await self.app(scope, replay, send)

@@ -2,15 +2,20 @@
 
 Shaped like OpenAI's API, with vLLM's extra sampling fields (`top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `min_tokens`, ...). Unknown fields are
-ignored, as the OpenAI client may send newer ones. FastAPI publishes these as
-the server's OpenAPI schema, which the fuzz tests generate requests from.
+ignored, as the OpenAI client may send newer ones. Requests are strict, as
+OpenAI's API is: a field of the wrong JSON type is a 400 naming it (`"2"` is
+not an integer, `2.0` not an integer, `"yes"` not a boolean), an integer is
+still a number and `null` still means the default of an optional field. Their
+text must be Unicode: a lone UTF-16 surrogate (JSON `"\ud800"`) is refused by
+name, never handed to the tokenizer. FastAPI publishes these as the server's
+OpenAPI schema, which the fuzz tests generate requests from.
 """
 from __future__ import annotations
 
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 def _limit(name: str) -> dict:
@@ -22,8 +27,27 @@ def _limit(name: str) -> dict:
 TokenId = Annotated[int, Field(ge=0, json_schema_extra=_limit("token_id"))]
 
 
+def _unicode(text: str) -> str:
+    """Text that encodes as UTF-8: JSON can carry lone surrogates (`"\\ud800"`), which no
+    tokenizer takes and no response can echo."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains {text[e.start]!r} at character {e.start}, a lone UTF-16 "
+                         "surrogate, which is not Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
+
+
+class _Request(_Model):
+    """A request body: strict types (see the module's doc)."""
+    model_config = ConfigDict(strict=True)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -43,7 +67,7 @@ class ErrorResponse(_Model):
 # ---- shared ----------------------------------------------------------------------------------
 
 
-class StreamOptions(_Model):
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
@@ -53,9 +77,9 @@ class UsageInfo(_Model):
     total_tokens: int = 0
 
 
-class _Sampling(_Model):
+class _Sampling(_Request):
     """Sampling fields shared by completions and chat completions."""
-    model: str | None = Field(None, description="the served model name; omitted = the only one")
+    model: Text | None = Field(None, description="the served model name; omitted = the only one")
     n: int = Field(1, ge=1, description="completions per prompt", json_schema_extra=_limit("n"))
     best_of: int | None = Field(None, ge=1, json_schema_extra=_limit("n"))
     temperature: float | None = Field(None, ge=0, description="0 = greedy [default 1]")
@@ -63,11 +87,11 @@ class _Sampling(_Model):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extra sampling fields
     top_k: int | None = Field(None, ge=-1, description="-1 or 0 = disabled")
     min_p: float | None = Field(None, ge=0, le=1)
@@ -83,14 +107,14 @@ class _Sampling(_Model):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
+    prompt: Union[Text, list[Text], list[TokenId], list[list[TokenId]]] = Field(
         ..., description="a string, a list of strings, token ids, or a list of token id lists")
     max_tokens: int | None = Field(16, ge=1, description="null = up to max_model_len",
                                    json_schema_extra=_limit("max_tokens"))
     logprobs: int | None = Field(None, ge=0, description="top log-probabilities per token",
                                  json_schema_extra=_limit("logprobs"))
     echo: bool = False
-    suffix: str | None = Field(None, description="not supported: must be empty")
+    suffix: Text | None = Field(None, description="not supported: must be empty")
 
 
 class CompletionLogprobs(_Model):
@@ -120,15 +144,15 @@ class CompletionResponse(_Model):
 # ---- chat completions ------------------------------------------------------------------------
 
 
-class ContentPart(_Model):
-    type: str
-    text: str | None = None
+class ContentPart(_Request):
+    type: Text
+    text: Text | None = None
 
 
-class ChatMessage(_Model):
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -141,7 +165,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, json_schema_extra=_limit("logprobs"))
     response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
 
@@ -198,9 +222,9 @@ class ModelList(_Model):
     data: list[ModelCard]
 
 
-class TokenizeRequest(_Model):
-    model: str | None = None
-    prompt: str | None = Field(None, description="text to tokenize (or give messages)")
+class TokenizeRequest(_Request):
+    model: Text | None = None
+    prompt: Text | None = Field(None, description="text to tokenize (or give messages)")
     messages: list[ChatMessage] | None = Field(None, description="a chat, through its template")
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -212,8 +236,8 @@ class TokenizeResponse(_Model):
     tokens: list[int]
 
 
-class DetokenizeRequest(_Model):
-    model: str | None = None
+class DetokenizeRequest(_Request):
+    model: Text | None = None
     tokens: list[TokenId]
 
 

@@ -1,15 +1,22 @@
 """What the routes share: checking a request, turning it into engine jobs, and answering
 with one JSON body or a stream of server-sent events.
 
-Prompts are tokenized and checked here, on the server's thread, with its own copy of the
-tokenizer and the engine's `InputProcessor` rules, so a bad request is refused before it
-reaches the engine thread. Errors are jpaged's exception types (`errors.py` maps them).
+Prompts are tokenized and checked here, with the server's own copies of the tokenizer and
+the engine's `InputProcessor` rules, so a bad request is refused before it reaches the
+engine. Tokenization runs in a small thread pool (`offload`), never on the event loop: a
+4 MB prompt takes seconds to tokenize, and `/health` and every stream would wait for it.
+Each worker has its own copy of the tokenizer (a fast tokenizer used from two threads at
+once raises "Already borrowed"). Errors are jpaged's exception types (`errors.py` maps them).
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import copy
 import functools
 import json
+import threading
 import uuid
 
 from fastapi import Request
@@ -24,6 +31,8 @@ from . import formatters as F
 from .errors import classify
 from .metrics import ServerMetrics
 
+
+TOKENIZER_WORKERS = 2  # threads that tokenize (the GIL is released inside a fast tokenizer)
 
 # (field, when a request is refused for it, why), for the request types that have the field
 UNSUPPORTED = [
@@ -54,6 +63,22 @@ class OpenAIServing:
         self.metrics = ServerMetrics(engine, names[0])
         self.decode = functools.lru_cache(maxsize=1 << 16)(
             lambda t: self.tokenizer.decode([t], skip_special_tokens=False))
+        self._pool = concurrent.futures.ThreadPoolExecutor(TOKENIZER_WORKERS, "jpaged-tokenize")
+        self._local = threading.local()
+
+    # ---- tokenization, off the event loop ----------------------------------------------------
+
+    async def offload(self, fn, *args):
+        """`fn(*args)` in a tokenizer worker thread; the event loop serves on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def worker_inputs(self) -> InputProcessor:
+        """This worker thread's InputProcessor, over its own copy of the tokenizer."""
+        inputs = getattr(self._local, "inputs", None)
+        if inputs is None:
+            inputs = self._local.inputs = InputProcessor(
+                copy.deepcopy(self.tokenizer), self.vocab_size, self.max_model_len)
+        return inputs
 
     # ---- checks ------------------------------------------------------------------------------
 
@@ -66,13 +91,16 @@ class OpenAIServing:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.names:
-            raise ModelNotFoundError(f"The model `{name}` does not exist; this server serves "
+            shown = name if len(name) <= 100 else name[:100] + f"... ({len(name)} characters)"
+            raise ModelNotFoundError(f"The model `{shown}` does not exist; this server serves "
                                      f"{self.names[0]!r}")
         if not self.engine.alive:
             raise EngineDeadError("the engine has stopped")
 
     def params(self, req, num_prompt: int, max_tokens: int | None,
-               logprobs: int | None) -> SamplingParams:
+               logprobs: int | None, prompt_param: str = "prompt") -> SamplingParams:
+        """The request's SamplingParams, checked; `prompt_param`: the field that holds the
+        prompt (`messages` in a chat), named by a too-long prompt's error."""
         if req.n > self.max_n or (req.best_of or 0) > self.max_n:
             raise InvalidRequestError(f"n and best_of must be <= {self.max_n} on this server", "n")
         if req.stream and (req.best_of or req.n) > req.n:
@@ -80,7 +108,7 @@ class OpenAIServing:
         if logprobs is not None and logprobs > self.max_logprobs:
             raise InvalidRequestError(f"at most {self.max_logprobs} log-probabilities per token can "
                                       f"be returned, got {logprobs}", "logprobs")
-        self.inputs.check_prompt_length(num_prompt)
+        self.inputs.check_prompt_length(num_prompt, prompt_param)
         self.inputs.check_max_tokens(num_prompt, max_tokens)
         kw = F.sampling_kwargs(req, max_tokens or self.max_model_len - num_prompt, logprobs,
                                self.vocab_size, self.sampling_defaults)
@@ -97,14 +125,21 @@ class OpenAIServing:
         out = []
         for p in prompt:
             if isinstance(p, str):
-                out.append(ProcessedPrompt(p, self.inputs.check_token_ids(self.tokenizer(p).input_ids)))
+                ids = self.worker_inputs().tokenizer(p).input_ids
+                out.append(ProcessedPrompt(p, self.inputs.check_token_ids(ids)))
             else:
                 out.append(ProcessedPrompt(None, self.inputs.check_token_ids(list(p))))
         return out
 
     def chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
         convo = [{"role": m.role, "content": F.message_text(m)} for m in messages]
-        return self.inputs.render_chat(convo, add_generation_prompt=add_generation_prompt)
+        return self.worker_inputs().render_chat(convo, add_generation_prompt=add_generation_prompt)
+
+    def text_ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.worker_inputs().tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def ids_text(self, ids: list[int]) -> str:
+        return self.worker_inputs().tokenizer.decode(ids)
 
     # ---- generation --------------------------------------------------------------------------
 
