@@ -58,7 +58,7 @@ class Scheduler:
         self.cut_to_buckets = not padding_is_free
         # By default the cap follows the queue (`_mixed_step_cap`). With free padding there
         # is none: a CPU step's cost per token falls as the step grows (a 128-token step
-        # ~2.8 ms a token, 2,048 tokens ~1.6 ms), so whatever waits goes in one step, up to
+        # ~2.3 ms a token, 2,048 tokens ~1.5 ms), so whatever waits goes in one step, up to
         # the step budget, and a prompt is never split for the decode rows' sake.
         self.follows_queue = (config.max_mixed_step_tokens is None and bool(self.token_buckets)
                               and not padding_is_free)

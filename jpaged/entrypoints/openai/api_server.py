@@ -89,11 +89,9 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
     async def _invalid(request, exc: RequestValidationError):
         content_type = request.headers.get("content-type", "")
         if request.method == "POST" and not content_type.split(";")[0].strip().lower().endswith("json"):
+            got = f"got {content_type[:100]!r}" if content_type else "no Content-Type was sent"
             return reply(InvalidRequestError(
-                "the body must be JSON sent with 'Content-Type: application/json' (got "
-                f"{content_type[:100]!r})" if content_type else
-                "the body must be JSON sent with 'Content-Type: application/json' (no "
-                "Content-Type header was sent)"))
+                f"the body must be JSON sent with 'Content-Type: application/json' ({got})"))
         return reply(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
