@@ -23,7 +23,7 @@ from jpaged.version import __version__
 from . import formatters as F
 from . import protocol as P
 from .config import DEFAULT_MODEL_NAME, ServerConfig
-from .errors import classify, error_body, error_response
+from .errors import classify, error_body, error_response, shorten
 from .metrics import CONTENT_TYPE_LATEST
 from .middleware import Guard
 from .serving import OpenAIServing
@@ -89,7 +89,7 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
     async def _invalid(request, exc: RequestValidationError):
         content_type = request.headers.get("content-type", "")
         if request.method == "POST" and not content_type.split(";")[0].strip().lower().endswith("json"):
-            got = f"got {content_type[:100]!r}" if content_type else "no Content-Type was sent"
+            got = f"got {shorten(content_type)!r}" if content_type else "no Content-Type was sent"
             return reply(InvalidRequestError(
                 f"the body must be JSON sent with 'Content-Type: application/json' ({got})"))
         return reply(_validation_error(exc))

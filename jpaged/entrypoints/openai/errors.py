@@ -21,6 +21,12 @@ ERROR_STATUS = [
 ]
 
 
+def shorten(text: str, limit: int = 100) -> str:
+    """Client text as an error quotes it: at most `limit` characters (a 1 MiB model name is
+    not echoed back whole)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def error_body(status: int, message: str, type: str, param: str | None = None,
                code: str | int | None = None) -> JSONResponse:
     # A message may quote the client's text: one that is not Unicode (a lone surrogate)

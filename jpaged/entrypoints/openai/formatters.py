@@ -8,6 +8,7 @@ from typing import Any
 
 from jpaged.exceptions import InvalidRequestError
 
+from .errors import shorten
 from .protocol import (ChatChoice, ChatCompletionResponse, ChatLogprobs, ChatMessage,
                        ChatResponseMessage, CompletionChoice, CompletionLogprobs,
                        CompletionResponse, TokenLogprob, TopLogprob, UsageInfo, _Sampling)
@@ -77,7 +78,7 @@ def message_text(message: ChatMessage) -> str:
     texts = []
     for part in message.content:
         if part.type != "text":
-            raise InvalidRequestError(f"content part of type {part.type[:50]!r} is not supported: "
+            raise InvalidRequestError(f"content part of type {shorten(part.type, 50)!r} is not supported: "
                                       "only 'text'", "messages")
         if part.text is None:
             raise InvalidRequestError("a content part of type 'text' needs a 'text' field", "messages")

@@ -28,7 +28,7 @@ from jpaged.exceptions import InvalidRequestError, ModelNotFoundError, EngineDea
 from jpaged.sampling_params import SamplingParams
 
 from . import formatters as F
-from .errors import classify
+from .errors import classify, shorten
 from .metrics import ServerMetrics
 
 
@@ -91,8 +91,7 @@ class OpenAIServing:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.names:
-            shown = name if len(name) <= 100 else name[:100] + f"... ({len(name)} characters)"
-            raise ModelNotFoundError(f"The model `{shown}` does not exist; this server serves "
+            raise ModelNotFoundError(f"The model `{shorten(name)}` does not exist; this server serves "
                                      f"{self.names[0]!r}")
         if not self.engine.alive:
             raise EngineDeadError("the engine has stopped")
