@@ -58,6 +58,14 @@ class EngineNotReadyError(JpagedError, RuntimeError):
     """The engine is alive but still warming up (compiling its executables)."""
 
 
+class ServerOverloadedError(JpagedError, RuntimeError):
+    """The server's queue is full: the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class EngineStepError(JpagedError, RuntimeError):
     """A step raised: the requests it held were aborted (the engine goes on)."""
 

@@ -16,6 +16,14 @@ running sequences keep generating while new requests are prefilled, instead of
 waiting for every prefill step to pass. A step that had to preempt admits no
 new request (the victim would come straight back).
 
+Fairness: waiting sequences are admitted in turns between client requests (a
+server request with many prompts is one client request, `Request.client`):
+one sequence of each, the client request served longest ago (or never) first,
+then another of each, and so on; recompute-preempted sequences go before all.
+A 1-token request that arrives behind one of 1,000 prompts starts as soon as a
+sequence slot and blocks free up, not after the 1,000; requests of one prompt
+each are first come, first served.
+
 Sharing: a request with `best_of > 1` is admitted as one sequence; when its
 prompt's last chunk is scheduled, the other samples are forked from it (sharing
 every block) and join the same step with zero new tokens, so all of them sample
@@ -33,6 +41,7 @@ is full or the group is all that runs.
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Sequence as Seq
 
 from jpaged.config import EngineConfig
@@ -73,6 +82,8 @@ class Scheduler:
         self.swapped: collections.deque[list[Sequence]] = collections.deque()  # groups, first in first
         self.num_preemptions = 0
         self.num_swap_outs = 0
+        self._turns = itertools.count()  # admissions so far, to order client requests' turns
+        self._last_turn: dict[str, int] = {}  # waiting client request -> its last admission
         # Admitting a new sequence leaves this many blocks free for running ones to
         # grow into, so that a full pool does not preempt on the very next step.
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
@@ -182,6 +193,22 @@ class Scheduler:
             return lower - num_decode
         return budget
 
+    def _admission_order(self) -> list[Sequence]:
+        """The waiting sequences in the order they are admitted: recompute-preempted ones
+        first (as queued), then client requests in turns, the one served longest ago (or
+        never) first, ties in order of arrival."""
+        preempted = [s for s in self.waiting if s.preempted]
+        clients: dict[str, list[Sequence]] = {}
+        for seq in self.waiting:
+            if not seq.preempted:
+                clients.setdefault(seq.request.client, []).append(seq)
+        self._last_turn = {c: t for c, t in self._last_turn.items() if c in clients}
+        if len(clients) == len(self.waiting) - len(preempted) and not self._last_turn:
+            return list(self.waiting)  # one sequence each, none served yet: first come, first served
+        order = sorted(clients, key=lambda c: self._last_turn.get(c, -1))  # stable: arrival order
+        rounds = itertools.zip_longest(*(clients[c] for c in order))
+        return preempted + [seq for turn in rounds for seq in turn if seq is not None]
+
     def _group_size(self, seq: Sequence) -> int:
         """Sequences admitting `seq` will add to the running set (with its forks to come)."""
         beam = seq.request.beam
@@ -193,7 +220,7 @@ class Scheduler:
         bm = self.block_manager
         bs = bm.block_size
         seqs, counts = [], []
-        for seq in self._partial() + (list(self.waiting) if admit else []):
+        for seq in self._partial() + (self._admission_order() if admit else []):
             if budget == 0:
                 break
             is_new = seq.status is SequenceStatus.WAITING
@@ -215,6 +242,8 @@ class Scheduler:
             ops.blocks_to_copy += bm.append(seq, seq.num_computed_tokens + chunk)
             if is_new:
                 self.waiting.remove(seq)
+                self._last_turn[seq.request.client] = next(self._turns)
+                seq.preempted = False
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
             seqs.append(seq)
@@ -292,6 +321,7 @@ class Scheduler:
         self.running.remove(victim)
         self.block_manager.free(victim)
         victim.status = SequenceStatus.WAITING
+        victim.preempted = True
         self.waiting.insert(at, victim)
 
     def _stalled(self) -> bool:
@@ -331,6 +361,7 @@ class Scheduler:
                 for s in reversed(group):
                     bm.free(s)
                     s.status = SequenceStatus.WAITING
+                    s.preempted = True
                     self.waiting.appendleft(s)
                 continue
             self.swapped.popleft()

@@ -54,6 +54,7 @@ class Sequence:
     block_hashes: list[int] = dataclasses.field(default_factory=list)
     num_cached_blocks: int = 0
     host_block_table: list[int] = dataclasses.field(default_factory=list)  # while SWAPPED
+    preempted: bool = False  # waiting again after a recompute preemption (admitted first)
     # Output tokens and text characters already sent to a front end in another process.
     sent_tokens: int = 0
     sent_text: int = 0
@@ -90,6 +91,13 @@ class Request:
     arrival_time: float
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
     beam: object = None  # an engine.beam_search.BeamGroup for beam-search requests
+    # The client request this one is part of (a server request with several prompts, each
+    # an engine request): admission takes turns between client requests. None: its own.
+    client_request_id: str | None = None
+
+    @property
+    def client(self) -> str:
+        return self.client_request_id if self.client_request_id is not None else self.request_id
 
     @property
     def finished(self) -> bool:

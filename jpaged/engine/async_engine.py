@@ -156,7 +156,8 @@ class AsyncEngine(EngineClient):
             self._send([(stream, ValueError(f"request_id {stream.request_id!r} is already running"))])
             return
         try:
-            self.core.add_request(prompt, params, request_id=stream.request_id)
+            self.core.add_request(prompt, params, request_id=stream.request_id,
+                                  client_request_id=stream.client_request_id)
         except (ValueError, TypeError) as e:
             self._send([(stream, e)])
             return

@@ -130,7 +130,7 @@ class EngineCoreClient(EngineClient):
         stream.state = OutputAccumulator(stream.request_id, prompt.text, prompt.token_ids)
         self._streams[stream.request_id] = stream
         self._send(AddRequest(stream.request_id, prompt.text, prompt.token_ids,
-                              params_to_dict(params)))
+                              params_to_dict(params), stream.client_request_id))
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:

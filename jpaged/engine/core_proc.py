@@ -93,7 +93,8 @@ class EngineCoreProc:
         from jpaged.sampling_params import SamplingParams
         try:  # the front end checked the prompt and params already
             self.core.add_request(ProcessedPrompt(msg.prompt, msg.prompt_token_ids),
-                                  SamplingParams(**msg.params), request_id=msg.request_id)
+                                  SamplingParams(**msg.params), request_id=msg.request_id,
+                                  client_request_id=msg.client_request_id)
         except (ValueError, TypeError) as e:
             self.send(error_message(msg.request_id, e))
 

@@ -39,10 +39,12 @@ class ModelInfo:
 class _Stream:
     """The consumer side of one request: an asyncio queue on the consumer's loop."""
 
-    __slots__ = ("loop", "queue", "request_id", "finished", "state")
+    __slots__ = ("loop", "queue", "request_id", "client_request_id", "finished", "state")
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop,
+                 client_request_id: str | None = None):
         self.request_id = request_id
+        self.client_request_id = client_request_id  # EngineCore.add_request's
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
@@ -98,15 +100,16 @@ class EngineClient:
     def shutdown(self, timeout: float = 30.0) -> None:
         raise NotImplementedError
 
-    async def generate(self, prompt, params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None,
+                       client_request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue one request and yield its RequestOutputs as steps advance it; the last
         one has `finished=True`. A bad prompt or params raise here (ValueError/TypeError)
-        before any output. Leaving early aborts."""
+        before any output. Leaving early aborts. `client_request_id`: the client request
+        it is part of (admission takes turns between client requests)."""
         if not self.alive:
             raise EngineDeadError(f"the engine has stopped: {self.dead!r}")
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(request_id, asyncio.get_running_loop())
+        stream = _Stream(request_id, asyncio.get_running_loop(), client_request_id)
         self._submit(stream, prompt, params)
         try:
             while True:
@@ -123,8 +126,10 @@ class EngineClient:
             if not stream.finished:
                 self.abort(request_id)
 
-    async def generate_many(self, jobs, disconnected=None, on_finish=None, on_abort=None):
-        """Run several requests at once, each job `(prompt, params, request_id)`; yield
+    async def generate_many(self, jobs, disconnected=None, on_finish=None, on_abort=None,
+                            client_request_id: str | None = None):
+        """Run several requests at once, each job `(prompt, params, request_id)`, as parts of
+        one client request (`client_request_id`, default: the first job's id); yield
         (job index, RequestOutput) as outputs come. Ends early (aborting what is left)
         when the coroutine function `disconnected` returns, or when the consumer leaves.
         `on_finish(arrival, first_token_time, RequestOutput)` is called per finished
@@ -135,7 +140,7 @@ class EngineClient:
         async def pump(i, prompt, params, request_id):
             arrival, first, out = time.monotonic(), None, None
             try:
-                async with contextlib.aclosing(self.generate(prompt, params, request_id)) as agen:
+                async with contextlib.aclosing(self.generate(prompt, params, request_id, client)) as agen:
                     async for out in agen:
                         if first is None and any(c.token_ids for c in out.outputs):
                             first = time.monotonic()
@@ -155,6 +160,7 @@ class EngineClient:
             await disconnected()
             sink.put_nowait((-1, gone))
 
+        client = client_request_id if client_request_id is not None else (jobs[0][2] if jobs else None)
         tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
         if disconnected is not None:
             tasks.append(asyncio.create_task(watch()))

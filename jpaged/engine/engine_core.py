@@ -100,9 +100,12 @@ class EngineCore:
 
     def add_request(self, prompt: PromptType | ProcessedPrompt, params: SamplingParams | None = None,
                     request_id: str | None = None, *,
-                    beam_params: BeamSearchParams | None = None) -> str:
+                    beam_params: BeamSearchParams | None = None,
+                    client_request_id: str | None = None) -> str:
         """Check and queue one request; raises `InvalidRequestError` (a ValueError / TypeError)
-        before touching any state. `beam_params` makes it a beam-search request."""
+        before touching any state. `beam_params` makes it a beam-search request;
+        `client_request_id` names the client request it is part of (the server's requests
+        with several prompts): the scheduler admits client requests in turns."""
         if beam_params is not None:
             params = beam_sampling_params(beam_params, self.eos_token_ids, self.config.max_num_seqs,
                                           self.config.max_logprobs)
@@ -118,7 +121,8 @@ class EngineCore:
             raise InvalidRequestError(f"best_of (or n) = {params.best_of} exceeds max_num_seqs="
                                       f"{self.config.max_num_seqs}", "n")
         ids = prompt.token_ids
-        request = Request(request_id, prompt.text, ids, params, time.monotonic())
+        request = Request(request_id, prompt.text, ids, params, time.monotonic(),
+                          client_request_id=client_request_id)
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         for i in range(params.best_of):
             seq = Sequence(request, list(ids), len(ids), index=i,

@@ -31,6 +31,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     prompt: str | None
     prompt_token_ids: list[int]
     params: dict[str, Any]  # SamplingParams' fields
+    client_request_id: str | None = None
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):

@@ -9,8 +9,8 @@ from jpaged.core.scheduler import Scheduler
 from jpaged.core.sequence import Request, Sequence, SequenceStatus
 
 
-def _seq(n, rid="r"):
-    return Sequence(Request(rid, None, [1] * n, SamplingParams(), 0.0), [1] * n, n)
+def _seq(n, rid="r", client=None):
+    return Sequence(Request(rid, None, [1] * n, SamplingParams(), 0.0, client_request_id=client), [1] * n, n)
 
 
 def _run_step(batch):
@@ -192,6 +192,38 @@ def test_max_num_seqs_caps_the_running_set():
     batch = sched.schedule()
     assert batch.is_prefill and batch.seqs == seqs[:2]
     assert len(sched.running) == 2 and len(sched.waiting) == 3
+
+
+def test_client_requests_are_admitted_in_turns():
+    """A client request of many prompts does not hold up one that comes after it: each
+    admits in turn; requests of one prompt each stay first come, first served."""
+    cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, block_size=4)
+    sched = Scheduler(cfg, BlockManager(100, 4))
+    big = [_seq(3, f"big-{i}", client="big") for i in range(6)]
+    small, single = _seq(3, "small"), _seq(3, "single")
+    for s in big + [small, single]:
+        sched.add(s)
+    admitted = []
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        admitted += [s for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 3]
+        _run_step(batch)
+        for s in list(sched.running):  # each finishes after its prompt: the slot frees up
+            if s.num_uncomputed_tokens == 1:
+                sched.remove(s)
+    assert admitted == [big[0], small, single, big[1], big[2], big[3], big[4], big[5]]
+
+
+def test_a_preempted_sequence_keeps_its_place_among_client_turns():
+    cfg = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4)
+    sched = Scheduler(cfg, BlockManager(100, 4))
+    victim = _seq(3, "v", client="big")
+    for s in [_seq(3, "a", client="other"), _seq(3, "b", client="big")]:
+        sched.add(s)
+    sched.waiting.appendleft(victim)  # where a recompute preemption queues it
+    victim.preempted = True
+    sched._last_turn["big"] = 5  # "big" was served last
+    assert [s.request.request_id for s in sched._admission_order()] == ["v", "a", "b"]
 
 
 def test_decode_preempts_the_newest_and_requeues_it_first():

@@ -264,6 +264,20 @@ def test_api_key(tiny_server):
         check_normal_request(good)
 
 
+@pytest.mark.parametrize("protect", [False, True])
+def test_metrics_and_docs_behind_the_key_only_when_asked(tiny_server, protect):
+    from jpaged.entrypoints.openai.api_server import create_app
+    from jpaged.entrypoints.openai.launcher import ServerHandle
+    app = create_app(tiny_server.engine, "tiny", api_key="sekret", protect_metrics_and_docs=protect)
+    with ServerHandle(app, tiny_server.engine, own_engine=False) as h:
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(h.url + path).status_code == (401 if protect else 200), path
+            keyed = httpx.get(h.url + path, headers={"Authorization": "Bearer sekret"})
+            assert keyed.status_code == 200, path
+        for probe in ("/health", "/ready"):  # orchestrators' probes carry no key
+            assert httpx.get(h.url + probe).status_code == 200
+
+
 # ---- metrics, tokenize, health ---------------------------------------------------------------
 
 

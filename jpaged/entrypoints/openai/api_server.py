@@ -60,14 +60,24 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(msg, loc[0] if loc else None)
 
 
-def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None, *,
-               api_key: str | None = None, max_n: int = ServerConfig.max_n,
-               max_request_bytes: int = ServerConfig.max_request_bytes) -> FastAPI:
+# The ServerConfig fields the app itself uses (the rest are uvicorn's or the launcher's).
+APP_FIELDS = ("api_key", "protect_metrics_and_docs", "max_n", "max_request_bytes",
+              "max_prompts_per_request", "max_sequences_per_request", "max_tokens_per_request",
+              "max_stop_sequences", "max_waiting_requests")
+
+
+def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None,
+               **settings) -> FastAPI:
     """The FastAPI app over a running engine (an AsyncEngine, or an EngineCoreClient);
-    `app.state.jpaged` holds its state. The limits default to `ServerConfig`'s."""
+    `app.state.jpaged` holds its state. `settings`: ServerConfig fields of `APP_FIELDS`
+    (the API key, the limits), ServerConfig's defaults otherwise."""
+    unknown = set(settings) - set(APP_FIELDS)
+    if unknown:
+        raise TypeError(f"create_app got unknown settings {sorted(unknown)}; it takes {APP_FIELDS}")
+    config = ServerConfig(**settings)
     names = [served_model_name] if isinstance(served_model_name, str) else \
         list(served_model_name or [DEFAULT_MODEL_NAME])
-    state = OpenAIServing(engine, names, max_n)
+    state = OpenAIServing(engine, names, config)
     app = FastAPI(title="jpaged", version=__version__,
                   description="OpenAI-compatible API of the jpaged engine")
     app.state.jpaged = state
@@ -137,23 +147,27 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
               responses=_stream_doc(P.CompletionResponse))
     async def completions(req: P.CompletionRequest, raw: Request):
         state.check_request(req)
-        prompts = await state.offload(state.prompts, req.prompt)
-        jobs = [(p, state.params(req, len(p.token_ids), req.max_tokens, req.logprobs)) for p in prompts]
-        fmt = F.CompletionFormatter(req, names[0], [(p.text, p.token_ids) for p in prompts],
-                                    state.decode, state.tokenizer)
-        return await state.respond(raw, req, jobs, fmt)
+        with state.queue(state.count_prompts(req)) as places:
+            prompts = await state.offload(state.prompts, req.prompt)
+            jobs = [(p, state.params(req, len(p.token_ids), req.max_tokens, req.logprobs)) for p in prompts]
+            state.check_tokens(req, jobs)
+            fmt = F.CompletionFormatter(req, names[0], [(p.text, p.token_ids) for p in prompts],
+                                        state.decode, state.tokenizer)
+            return await state.respond(raw, req, jobs, fmt, places)
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
               responses=_stream_doc(P.ChatCompletionResponse))
     async def chat_completions(req: P.ChatCompletionRequest, raw: Request):
         state.check_request(req)
-        ids = await state.offload(state.chat_ids, req.messages, req.add_generation_prompt)
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        prompt = ProcessedPrompt(None, ids)
-        jobs = [(prompt, state.params(req, len(ids), max_tokens, logprobs, "messages"))]
-        fmt = F.ChatFormatter(req, names[0], [(None, ids)], state.decode, state.tokenizer)
-        return await state.respond(raw, req, jobs, fmt)
+        state.check_sequences(req, 1)
+        with state.queue(1) as places:
+            ids = await state.offload(state.chat_ids, req.messages, req.add_generation_prompt)
+            max_tokens = req.max_completion_tokens or req.max_tokens
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            jobs = [(ProcessedPrompt(None, ids), state.params(req, len(ids), max_tokens, logprobs, "messages"))]
+            state.check_tokens(req, jobs)
+            fmt = F.ChatFormatter(req, names[0], [(None, ids)], state.decode, state.tokenizer)
+            return await state.respond(raw, req, jobs, fmt, places)
 
     @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS)
     async def tokenize(req: P.TokenizeRequest):
@@ -175,9 +189,10 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
             state.inputs.check_token_ids(req.tokens, "tokens")
         return P.DetokenizeResponse(prompt=await state.offload(state.ids_text, req.tokens))
 
-    _finish_schema(app, {"token_id": state.vocab_size - 1, "n": max_n, "logprobs": state.max_logprobs,
-                         "max_tokens": state.max_model_len - 1})
-    app.add_middleware(Guard, api_key=api_key, max_bytes=max_request_bytes, on_error=state.metrics.error)
+    _finish_schema(app, {"token_id": state.vocab_size - 1, "n": config.max_n,
+                         "logprobs": state.max_logprobs, "max_tokens": state.max_model_len - 1})
+    app.add_middleware(Guard, api_key=config.api_key, max_bytes=config.max_request_bytes,
+                       protect_all=config.protect_metrics_and_docs, on_error=state.metrics.error)
     return app
 
 

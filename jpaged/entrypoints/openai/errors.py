@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from jpaged.exceptions import (AuthenticationError, EngineDeadError, EngineNotReadyError,
                                EngineStepError, InvalidRequestError, ModelNotFoundError,
-                               RequestTooLargeError)
+                               RequestTooLargeError, ServerOverloadedError)
 
 # (exception type, HTTP status, OpenAI error type, default code); the first match wins.
 ERROR_STATUS = [
@@ -17,6 +17,7 @@ ERROR_STATUS = [
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (EngineDeadError, 503, "server_error", "engine_dead"),
     (EngineNotReadyError, 503, "server_error", "engine_warming_up"),
+    (ServerOverloadedError, 503, "server_error", "server_overloaded"),
     (EngineStepError, 500, "server_error", None),
 ]
 
@@ -47,4 +48,7 @@ def classify(exc: BaseException) -> tuple[int, str, str | None, str | int | None
 def error_response(exc: BaseException) -> JSONResponse:
     status, kind, param, code = classify(exc)
     message = str(exc) if status != 500 or isinstance(exc, EngineStepError) else f"internal error: {exc!r}"
-    return error_body(status, message, kind, param, code)
+    response = error_body(status, message, kind, param, code)
+    if isinstance(exc, ServerOverloadedError):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response

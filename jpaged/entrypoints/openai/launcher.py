@@ -13,6 +13,7 @@ Binds 127.0.0.1 unless told otherwise; `api_key` makes every /v1, /tokenize and
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -23,8 +24,9 @@ from jpaged.config import EngineConfig
 from jpaged.engine.engine_client import EngineClient, ModelInfo
 from jpaged.exceptions import EngineDeadError
 
-from .api_server import create_app
+from .api_server import APP_FIELDS, create_app
 from .config import DEFAULT_MODEL_NAME, ServerConfig
+from .http_protocol import protocol_class
 
 logger = logging.getLogger("jpaged.entrypoints.openai")
 
@@ -43,27 +45,31 @@ def default_model_name(info: ModelInfo) -> str:
 class ServerHandle:
     """A server running in a background thread: `.url` ("http://127.0.0.1:PORT"), `.engine`
     (an EngineClient: `.engine.call_utility("kv_cache_stats")` runs on the engine between
-    steps), `.app`, and `.shutdown()`, which stops uvicorn and then the engine (if it owns it)."""
+    steps), `.app`, and `.shutdown()`, which stops uvicorn and then the engine (if it owns it).
+    `server`: the ServerConfig whose host, port and connection settings it runs with
+    (default: 127.0.0.1, a free port, ServerConfig's limits)."""
 
-    def __init__(self, app, engine, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning", own_engine: bool = True,
-                 shutdown_timeout: float = ServerConfig.shutdown_timeout):
+    def __init__(self, app, engine, server: ServerConfig | None = None, own_engine: bool = True):
         import uvicorn
+        server = server or ServerConfig(port=0, log_level="warning")
         self.app, self.engine, self.own_engine = app, engine, own_engine
+        _fit_open_file_limit(server.max_connections)
         # Shutting down, uvicorn stops accepting connections and waits up to
         # `shutdown_timeout` for the open ones (streams in flight) to finish.
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=shutdown_timeout,
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host=server.host, port=server.port, log_level=server.log_level, lifespan="off",
+            timeout_graceful_shutdown=server.shutdown_timeout,
+            timeout_keep_alive=server.timeout_keep_alive,
+            http=protocol_class(server.header_timeout, server.body_timeout, server.max_connections)))
         self.thread = threading.Thread(target=self.server.run, name="jpaged-uvicorn", daemon=True)
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():
                 self.shutdown()
-                raise RuntimeError(f"the server did not start on {host}:{port} (see the log)")
+                raise RuntimeError(f"the server did not start on {server.host}:{server.port} (see the log)")
             time.sleep(0.01)
-        self.host, self.port = host, self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{self.port}"
+        self.host, self.port = server.host, self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host if ':' not in self.host else f'[{self.host}]'}:{self.port}"
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting connections, let those open finish (up to `shutdown_timeout`),
@@ -81,19 +87,31 @@ class ServerHandle:
         self.shutdown()
 
 
-def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
-                 served_model_name: str | list[str] | None = None, api_key: str | None = None,
-                 max_n: int = ServerConfig.max_n,
-                 max_request_bytes: int = ServerConfig.max_request_bytes,
-                 log_level: str = "warning", warmup: bool = ServerConfig.warmup,
-                 shutdown_timeout: float = ServerConfig.shutdown_timeout,
-                 engine_process: bool = ServerConfig.engine_process, params=None, tokenizer=None,
-                 **engine_args) -> ServerHandle:
+def _fit_open_file_limit(max_connections: int) -> None:
+    """Raise the soft open-file limit (often 1,024) so that `max_connections` sockets fit
+    beside the server's own files; warn when the hard limit is lower."""
+    import resource
+    want = max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            logger.warning("the open-file limit (%d) is below max_connections + 256: lower "
+                           "--max-connections or raise `ulimit -n`", new)
+
+
+SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
+
+
+def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
+                 params=None, tokenizer=None, **kwargs) -> ServerHandle:
     """Load the model, start the engine and uvicorn in background threads, and return once
     the server accepts connections: `with start_server(port=0) as h: ... h.url ...`.
     `model`: a path, None for the embedded default, an in-memory Flax model (with `params=`
     and `tokenizer=`) or an `LLM` (an EngineCore), which the server then owns;
-    `engine_args`: EngineConfig fields; the rest: `ServerConfig` fields. `warmup` (default):
+    `kwargs`: `ServerConfig` fields (served_model_name, api_key, the limits, warmup, ...)
+    and `EngineConfig` fields. `warmup` (default):
     the engine thread first compiles, or loads from disk, every executable a request can
     need (`LLM.warmup`), so no request waits for a compilation; the server answers meanwhile
     (`/health` 200, `/ready` 503, requests queue). `engine_process` (default): a model given
@@ -102,17 +120,14 @@ def start_server(model=None, host: str = "127.0.0.1", port: int = 0, *,
     in a thread of this process (`AsyncEngine`). `port=0` picks a free port. To serve another
     app (say with an API key) over the same engine:
     `ServerHandle(create_app(h.engine, api_key=KEY), h.engine, own_engine=False)`."""
-    server = ServerConfig(host=host, port=port, served_model_name=served_model_name,
-                          api_key=api_key, max_n=max_n, max_request_bytes=max_request_bytes,
-                          warmup=warmup, log_level=log_level, shutdown_timeout=shutdown_timeout,
-                          engine_process=engine_process)
+    server = ServerConfig(host=host, port=port, log_level=log_level,
+                          **{k: v for k, v in kwargs.items() if k in SERVER_FIELDS})
+    engine_args = {k: v for k, v in kwargs.items() if k not in SERVER_FIELDS}
     engine = _start_engine(model, server, params, tokenizer, engine_args)
     try:
-        app = create_app(engine, server.served_model_name or default_model_name(engine.info),
-                         api_key=server.api_key, max_n=server.max_n,
-                         max_request_bytes=server.max_request_bytes)
-        return ServerHandle(app, engine, server.host, server.port, server.log_level,
-                            shutdown_timeout=server.shutdown_timeout)
+        names = server.served_model_name or default_model_name(engine.info)
+        app = create_app(engine, names, **{f: getattr(server, f) for f in APP_FIELDS})
+        return ServerHandle(app, engine, server)
     except BaseException:
         engine.shutdown()
         raise

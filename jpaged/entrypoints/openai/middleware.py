@@ -1,6 +1,10 @@
 """ASGI middleware in front of the routes: the API key on protected paths and the request
 body size limit (by Content-Length, and by reading a body without one, up to the limit,
-before the app sees it)."""
+before the app sees it).
+
+With an API key, /v1, /tokenize and /detokenize need it; /metrics and the OpenAPI
+documents (/docs, /redoc, /openapi.json) stay open unless `protect_all`, as vLLM leaves
+/metrics open for scrapers; the probes /health and /ready are always open."""
 from __future__ import annotations
 
 import hmac
@@ -11,6 +15,7 @@ from jpaged.exceptions import AuthenticationError, RequestTooLargeError
 from .errors import classify, error_response
 
 PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+ALWAYS_OPEN = ("/health", "/ready")  # liveness and readiness probes carry no key
 
 
 def too_large(limit: int) -> RequestTooLargeError:
@@ -18,10 +23,17 @@ def too_large(limit: int) -> RequestTooLargeError:
 
 
 class Guard:
-    def __init__(self, app, api_key: str | None, max_bytes: int,
+    def __init__(self, app, api_key: str | None, max_bytes: int, protect_all: bool = False,
                  on_error: Callable[[int], None] = lambda status: None):
-        """`on_error(status)`: counts the errors answered here (the server's metrics)."""
+        """`protect_all`: the API key guards every path but the probes; `on_error(status)`:
+        counts the errors answered here (the server's metrics)."""
         self.app, self.api_key, self.max_bytes, self.on_error = app, api_key, max_bytes, on_error
+        self.protect_all = protect_all
+
+    def protects(self, path: str) -> bool:
+        if self.protect_all:
+            return path not in ALWAYS_OPEN
+        return path.startswith(PROTECTED)
 
     async def refuse(self, exc: Exception, scope, receive, send, headers=()):
         self.on_error(classify(exc)[0])
@@ -34,7 +46,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith(PROTECTED):
+        if self.api_key and self.protects(scope["path"]):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 error = AuthenticationError("invalid or missing API key: send 'Authorization: Bearer KEY'")
