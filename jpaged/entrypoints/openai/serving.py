@@ -78,7 +78,6 @@ class OpenAIServing:
     def __init__(self, engine: EngineClient, names: list[str], config: ServerConfig):
         info = engine.info
         self.engine, self.names, self.config = engine, names, config
-        self.max_n = config.max_n
         self.tokenizer = info.tokenizer  # the front end's own (the engine detokenizes with another)
         self.inputs = InputProcessor(self.tokenizer, info.vocab_size, info.max_model_len)
         self.max_model_len = info.max_model_len
@@ -183,8 +182,8 @@ class OpenAIServing:
                logprobs: int | None, prompt_param: str = "prompt") -> SamplingParams:
         """The request's SamplingParams, checked; `prompt_param`: the field that holds the
         prompt (`messages` in a chat), named by a too-long prompt's error."""
-        if req.n > self.max_n or (req.best_of or 0) > self.max_n:
-            raise InvalidRequestError(f"n and best_of must be <= {self.max_n} on this server", "n")
+        if max(req.n, req.best_of or 0) > self.config.max_n:
+            raise InvalidRequestError(f"n and best_of must be <= {self.config.max_n} on this server", "n")
         if req.stream and (req.best_of or req.n) > req.n:
             raise InvalidRequestError("best_of > n is not supported with stream=true", "best_of")
         if logprobs is not None and logprobs > self.max_logprobs:
