@@ -74,13 +74,18 @@ class EngineConfig:
         None, "run the layers under nn.scan over stacked weights: compile time does not grow "
               "with depth, steps are slower (XLA copies each layer's weights out of the stack) "
               "[default: unrolled, or an in-memory model's own setting]")
+    tensor_parallel_size: int = config_field(
+        1, "devices to split the model over (tensor parallelism on a JAX mesh: query and KV "
+           "heads and MLP columns split, one all-reduce after attention and one after the MLP; "
+           "the KV pool split by KV heads, `kv_cache_memory` over all devices)")
 
     def __post_init__(self):
         def positive(name):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_logprobs"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
+                     "tensor_parallel_size"):
             positive(name)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

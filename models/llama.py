@@ -140,6 +140,9 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     scanned: bool = False  # under nn.scan: return (carry, None)
     packed: bool = False  # dense kernels packed (`pack_params`)
+    # Devices the heads and MLP columns are split over: the fused columns come grouped per
+    # device (`jpaged.runner.parallel.regroup_params`; at 1, the loader's own layout).
+    tensor_parallel: int = 1
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, meta):
@@ -151,17 +154,19 @@ class DecoderLayer(nn.Module):
         rows = meta.query_start_loc[-1]  # real tokens; the bucket's padding follows them
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="attn_norm")(h)
         dense = functools.partial(Linear, param_dtype=self.param_dtype, packed=self.packed)
-        qkv = dense((H + 2 * KV) * D, c.attention_bias, name="qkv_proj")(x, rows)
-        q = apply_rope(qkv[:, :H * D].reshape(N, H, D), cos, sin)
-        k = apply_rope(qkv[:, H * D:(H + KV) * D].reshape(N, KV, D), cos, sin)
-        v = qkv[:, (H + KV) * D:].reshape(N, KV, D)
+        T = self.tensor_parallel
+        Hd, KVd = H // T * D, KV // T * D  # one device's q and k (or v) columns
+        qkv = dense((H + 2 * KV) * D, c.attention_bias, name="qkv_proj")(x, rows).reshape(N, T, -1)
+        q = apply_rope(qkv[..., :Hd].reshape(N, H, D), cos, sin)
+        k = apply_rope(qkv[..., Hd:Hd + KVd].reshape(N, KV, D), cos, sin)
+        v = qkv[..., Hd + KVd:].reshape(N, KV, D)
         k_pool, v_pool = self.backend.write(k_pool, v_pool, layer, k, v, meta.slot_mapping)
         attn = self.backend.attend(q, k_pool, v_pool, layer, meta, scale=D ** -0.5)
         h = h + dense(c.hidden_size, name="o_proj")(attn.reshape(N, H * D), rows)
         x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="mlp_norm")(h)
-        gate_up = dense(2 * c.intermediate_size, name="gate_up_proj")(x, rows)
+        gate_up = dense(2 * c.intermediate_size, name="gate_up_proj")(x, rows).reshape(N, T, -1)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        h = h + dense(c.hidden_size, name="down_proj")(nn.silu(gate) * up, rows)
+        h = h + dense(c.hidden_size, name="down_proj")((nn.silu(gate) * up).reshape(N, -1), rows)
         return ((h, k_pool, v_pool), None) if self.scanned else (h, k_pool, v_pool)
 
 
@@ -173,6 +178,7 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
     packed_weights: bool = False  # params as `pack_params` made them (the CPU runner's choice)
+    tensor_parallel: int = 1  # devices the layers are split over (`DecoderLayer`)
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_pool, meta, logits_index):
@@ -192,12 +198,13 @@ class LlamaForCausalLM(nn.Module):
             layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
             carry, _ = layers(c, self.backend, self.param_dtype, scanned=True,
-                              packed=self.packed_weights, name="layers")(
+                              packed=self.packed_weights, tensor_parallel=self.tensor_parallel,
+                              name="layers")(
                 carry, jnp.arange(c.num_layers, dtype=jnp.int32), cos, sin, meta)
         else:
             for i in range(c.num_layers):
                 carry = DecoderLayer(c, self.backend, self.param_dtype, packed=self.packed_weights,
-                                     name=f"layers_{i}")(
+                                     tensor_parallel=self.tensor_parallel, name=f"layers_{i}")(
                     carry, i, cos, sin, meta)
         h, k_pool, v_pool = carry
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h[logits_index])

@@ -15,6 +15,7 @@ import abc
 class AttentionBackend(abc.ABC):
     name: str
     block_axis: int  # axis of the pool that indexes blocks
+    head_axis: int  # axis of the pool that indexes KV heads (tensor parallelism splits it)
 
     def pool_dtype(self, param_dtype, block_size: int, head_dim: int):
         """The KV pool's dtype when `kv_cache_dtype` is auto: the weights' dtype."""

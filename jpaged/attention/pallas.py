@@ -19,6 +19,7 @@ class PallasBackend(AttentionBackend):
     interpret: bool = False
     gpu: str | None = None  # tunables for this GPU ("a100" / "h100"); None = the detected one
     block_axis = 2
+    head_axis = 1
 
     def pool_shape(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim):
         return (num_layers, num_kv_heads, num_blocks, block_size, head_dim)

@@ -27,6 +27,7 @@ class XlaBackend(AttentionBackend):
     Whole-block copies and swaps don't care about the order inside a block."""
     name: str = "xla"
     block_axis = 1  # axis of the pool that indexes blocks (copies and swaps use it)
+    head_axis = 2
 
     def pool_dtype(self, param_dtype, block_size: int, head_dim: int):
         """float32 on the CPU, where XLA's scatter and gathers copy a bfloat16 pool through

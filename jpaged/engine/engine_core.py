@@ -49,6 +49,11 @@ from .stats import EngineStats
 DEFAULT_GENERATION_CONFIG = {"temperature": 0.0}
 
 
+def _device_bytes(tree) -> int:
+    """Bytes of `tree`'s arrays on the first device that holds them."""
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree_util.tree_leaves(tree))
+
+
 class EngineCore:
     """`model`: None (the embedded SmolLM2-135M-Instruct), a path to a Hugging Face folder or
     a .gguf file, or an in-memory Flax model (then pass `params=` and `tokenizer=`). Other
@@ -59,7 +64,8 @@ class EngineCore:
         start = time.perf_counter()
         loaded = load_model(model, params=params, tokenizer=tokenizer, dtype=config.dtype,
                             scan_layers=config.scan_layers, attention_backend=config.attention_backend,
-                            pack_weights=config.pack_weights)
+                            pack_weights=config.pack_weights,
+                            tensor_parallel_size=config.tensor_parallel_size)
         self.model_path = loaded.path  # the file or folder loaded (None: an in-memory model)
         self.is_default_model = model is None or is_default_model(loaded.path)
         self.model_config = loaded.config
@@ -245,14 +251,17 @@ class EngineCore:
         """The runner's executables, saved beside XLA's cache for a model loaded from a path
         (an in-memory model's code is not in the fingerprint: it keeps to XLA's cache)."""
         directory = executables_dir(self.config.compilation_cache_dir)
-        if directory is None or loaded.path is None:
+        # A sharded executable loaded back from disk refuses host inputs ("expected 2
+        # shards"): under tensor parallelism XLA's persistent cache serves them instead.
+        if directory is None or loaded.path is None or self.config.tensor_parallel_size > 1:
             enable_compilation_cache(self.config.compilation_cache_dir)
             return ExecutableTable()
         leaves = jax.tree_util.tree_flatten(loaded.params)
         identity = repr((source_fingerprint(), type(loaded.module).__qualname__, loaded.config,
                          str(leaves[1]), [(x.shape, str(x.dtype)) for x in leaves[0]],
                          loaded.backend.name, str(kv.dtype), kv.num_blocks, kv.block_size,
-                         kv.max_model_len, getattr(loaded.module, "packed_weights", False)))
+                         kv.max_model_len, getattr(loaded.module, "packed_weights", False),
+                         self.config.tensor_parallel_size))
         return ExecutableTable(directory, hashlib.sha256(identity.encode()).hexdigest())
 
     def warmup(self, sampling_params: Seq[SamplingParams] | None = None, *, use_tqdm: bool = True,
@@ -296,6 +305,10 @@ class EngineCore:
                 "utilization": stored / slots if slots else 0.0,
                 "num_preemptions": self.scheduler.num_preemptions,
                 "pool_bytes": self.runner.pool_bytes,
+                # what the first device holds (all of it on one device; its shards under
+                # tensor parallelism)
+                "pool_bytes_per_device": _device_bytes(self.runner.kv_pool),
+                "weight_bytes_per_device": _device_bytes(self.runner.params),
                 # sharing: blocks held per sequence, summed (what no sharing would need)
                 "logical_blocks": bm.num_logical_blocks,
                 "cached_blocks": bm.num_cached_blocks,

@@ -19,10 +19,13 @@ import jax.numpy as jnp
 
 from jpaged.attention.backend import AttentionBackend
 from jpaged.attention.selector import get_backend
+from jpaged.attention.sharded import ShardedBackend
 from jpaged.exceptions import KernelBuildError
 from jpaged.models import ModelConfig, model_class
 from jpaged.models.llama import pack_params, stack_layers, unstack_layers
 from jpaged.ops import matmul
+
+from . import parallel
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def is_default_model(path: str | None) -> bool:
 
 def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
                scan_layers: bool | None = None, attention_backend: str = "auto",
-               pack_weights: bool | None = None) -> LoadedModel:
+               pack_weights: bool | None = None, tensor_parallel_size: int = 1) -> LoadedModel:
     """`model`: None (the embedded SmolLM2-135M-Instruct), a path to a HF folder or a .gguf
     file, or an in-memory Flax model (then `params` and `tokenizer` are required); the other
     arguments are the `EngineConfig` fields of the same names."""
@@ -112,8 +115,29 @@ def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
         if scan_layers is not None:
             module = module.clone(scan_layers=scan_layers)
         params = (stack_layers if module.scan_layers else unstack_layers)(params, model_config.num_layers)
+    if tensor_parallel_size > 1:
+        return _split(module, backend, params, model_config, tokenizer, path, generation_config,
+                      tensor_parallel_size, pack_weights)
     if _packs(module, params, pack_weights):
         params = pack_params(params, model_config)
         module = module.clone(packed_weights=True)
     return LoadedModel(module, backend, jax.device_put(params), model_config, tokenizer, path,
                        generation_config)
+
+
+def _split(module, backend, params, config, tokenizer, path, generation_config, size: int,
+           pack_weights: bool | None) -> LoadedModel:
+    """The model over a mesh of `size` devices (`jpaged.runner.parallel`): params regrouped
+    and placed straight into their shards, the pool's backend run per device."""
+    if not hasattr(module, "tensor_parallel"):
+        raise ValueError(f"tensor_parallel_size={size} needs a model with a `tensor_parallel` "
+                         f"field; {type(module).__name__} has none")
+    if pack_weights:  # the packed matmul is a custom call XLA's partitioner cannot split
+        raise ValueError("pack_weights=True does not combine with tensor_parallel_size > 1")
+    run = parallel.plan_layout(config, size)
+    mesh = parallel.make_mesh(size)
+    params = parallel.regroup_params(params, config, run, size)
+    params = jax.device_put(params, parallel.param_shardings(params, mesh))
+    backend = ShardedBackend(backend, mesh)
+    module = module.clone(config=run, backend=backend, tensor_parallel=size)
+    return LoadedModel(module, backend, params, run, tokenizer, path, generation_config)

@@ -15,6 +15,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jpaged.attention.backend import AttentionBackend
 from jpaged.attention.metadata import AttentionMetadata
@@ -103,11 +104,18 @@ class ModelRunner:
         self.max_rows = max(b[1] for b in self.input_builder.step_buckets())
         shape = backend.pool_shape(model_config.num_layers, kv.num_blocks, kv.block_size,
                                    model_config.num_kv_heads, model_config.head_dim)
-        self.kv_pool = (jnp.zeros(shape, kv.dtype), jnp.zeros(shape, kv.dtype))
+        # Under tensor parallelism (a ShardedBackend) the pool is made in its shards, each
+        # device its KV heads, and the logits come back whole on every device (the sampler
+        # then runs on one: XLA's partitioner fails on its top-k barriers, and it is small).
+        mesh = getattr(backend, "mesh", None)
+        pool_sharding = NamedSharding(mesh, backend.pool_spec(len(shape))) if mesh else None
+        self.replicated = NamedSharding(mesh, P()) if mesh else None
+        self.kv_pool = tuple(jnp.zeros(shape, kv.dtype, device=pool_sharding) for _ in range(2))
         self.pool_bytes = kv.num_blocks * kv.bytes_per_block
         self.host_pool = block_ops.HostKVPool(self.kv_pool, kv.num_host_blocks, backend.block_axis)
         self.executables = executables if executables is not None else ExecutableTable()
-        self._step = jax.jit(make_step(module), donate_argnums=(1,))
+        sharded = {} if mesh is None else {"out_shardings": (self.replicated, (pool_sharding,) * 2)}
+        self._step = jax.jit(make_step(module), donate_argnums=(1,), **sharded)
         self._sample = jax.jit(sample, static_argnames=("mode",))
         self._pad = jax.jit(pad_rows, static_argnums=(1,))
 
@@ -138,6 +146,8 @@ class ModelRunner:
         shape = self.input_builder.shape_of(inputs)
         step = table.get(("step", shape), lambda: self._lower_step(shape))
         logits, self.kv_pool = step(self.params, self.kv_pool, inputs)
+        if self.replicated is not None:  # whole on every device: the sampler runs on the first
+            logits = logits.addressable_shards[0].data
         B, rows = shape[1], len(sampling.temperature)
         if rows != B:
             logits = table.get(("pad", B, rows), lambda: self._lower_pad(B, rows))(logits)
@@ -154,12 +164,15 @@ class ModelRunner:
         lowered = self._step.lower(self.params, self.kv_pool, self.input_builder.dummy(*shape))
         return lowered, (_LARGE_STEP_CPU_OPTIONS if large else None)
 
+    def _logits_spec(self, rows: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
+
     def _lower_pad(self, num_rows: int, rows: int):
-        spec = jax.ShapeDtypeStruct((num_rows, self.config.vocab_size), jnp.float32)
+        spec = self._logits_spec(num_rows)
         return self._pad.lower(spec, rows), None
 
     def _lower_sampler(self, rows: int, mode: SamplerMode):
-        spec = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
+        spec = self._logits_spec(rows)
         return self._sample.lower(spec, dummy_sampling_tensors(rows, self.config.vocab_size, mode),
                                   mode=mode), None
 
