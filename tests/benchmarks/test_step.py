@@ -11,7 +11,7 @@ import pytest
 from jpaged.cli.main import main
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_bench_step_json(tiny_text_model, capsys, dtype):
     assert main(["bench", "step", "--model", tiny_text_model, "--batch-sizes", "1,3",
                  "--context", "40", "--iters", "2", "--json", "--dtype", dtype,

@@ -110,8 +110,10 @@ def _kernel_ndims(params) -> set[int]:
             if path[-1].key == "kernel"}
 
 
-@pytest.mark.parametrize("kind,dtype,scan_layers", [("llama", "float32", False), ("qwen2", "float32", False),
-                                                    ("qwen2", "bfloat16", True), ("llama", "bfloat16", False)])
+@pytest.mark.parametrize("kind,dtype,scan_layers", [
+    ("llama", "float32", False), ("qwen2", "bfloat16", True),  # both dtypes, both layouts, a bias
+    pytest.param("qwen2", "float32", False, marks=pytest.mark.slow),
+    pytest.param("llama", "bfloat16", False, marks=pytest.mark.slow)])
 def test_packed_weights_generate_what_unpacked_ones_do(tmp_path, kind, dtype, scan_layers):
     """The CPU runner packs every dense kernel (and a tied embedding) for the matmul kernel;
     greedy tokens and their logprobs are those of the unpacked model (untied and tied

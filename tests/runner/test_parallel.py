@@ -100,22 +100,26 @@ WORKER = textwrap.dedent("""
                 weight_bytes_per_device=stats["weight_bytes_per_device"],
                 temp=mem and mem.temp_size_in_bytes, alias=mem and mem.alias_size_in_bytes)
             del llm
-        restarted = make(backend, 2, {cache!r})
-        results[f"{{backend}}-2"]["restart"] = [
-            r.outputs[0].token_ids for r in restarted.generate(rng_prompts, greedy, use_tqdm=False)]
-        del restarted
+        if {restart!r}:
+            restarted = make(backend, 2, {cache!r})
+            results[f"{{backend}}-2"]["restart"] = [
+                r.outputs[0].token_ids for r in restarted.generate(rng_prompts, greedy, use_tqdm=False)]
+            del restarted
     print("RESULTS" + json.dumps(results))
 """)
 
 
-def run_on_four_devices(tmp_path, backends) -> dict:
+def run_on_four_devices(tmp_path, backends, restart: bool = False) -> dict:
     from helpers import build_tiny_hf
     path = tmp_path / "tiny"
     build_tiny_hf("llama", path)  # 4 heads, 2 KV heads: KV heads repeated at 4 devices
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     code = WORKER.format(tests=os.path.dirname(os.path.dirname(__file__)), backends=backends, path=str(path),
-                         cache=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+                         cache=str(tmp_path / "cache"), restart=restart)
+    # run from tmp_path: from the checkout's root, `import jpaged` would find its source
+    # tree, which lacks the installed jpaged.models
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
     return json.loads(line[len("RESULTS"):])
@@ -129,9 +133,12 @@ def check_same_tokens(results: dict, backends) -> None:
         assert r["hit_rate"] > 0, key  # the second shared prompt reused the cached blocks
 
 
-@pytest.mark.parametrize("backends", [("cpu",), pytest.param(("xla",), marks=pytest.mark.slow)])
-def test_one_two_and_four_devices_give_the_same_tokens(tmp_path, backends):
-    results = run_on_four_devices(tmp_path, list(backends))
+@pytest.mark.parametrize("backends,restart", [(("cpu",), False),
+                                              pytest.param(("xla",), True, marks=pytest.mark.slow)])
+def test_one_two_and_four_devices_give_the_same_tokens(tmp_path, backends, restart):
+    """(Behind -m slow, also a restart through the compilation cache: a sharded executable
+    loaded back from jpaged's own executable store refused host inputs.)"""
+    results = run_on_four_devices(tmp_path, list(backends), restart)
     check_same_tokens(results, backends)
     for backend in backends:
         one = results[f"{backend}-1"]
@@ -144,10 +151,37 @@ def test_one_two_and_four_devices_give_the_same_tokens(tmp_path, backends):
         # in place: the donated pool shards are the outputs, and no temporary is as large as
         # one of them (K or V, each half of the bytes): neither was copied
         r = results[f"{backend}-2"]
-        assert r["restart"] == r["greedy"]  # a restart reads the sharded steps from the cache
+        if restart:  # a restart reads the sharded steps from the cache
+            assert r["restart"] == r["greedy"]
         assert r["alias"] >= r["pool_bytes_per_device"] and r["temp"] < r["pool_bytes_per_device"] // 2, r
 
 
 @pytest.mark.slow
 def test_the_pallas_kernels_split_too(tmp_path):
     check_same_tokens(run_on_four_devices(tmp_path, ["pallas-interpret"]), ["pallas-interpret"])
+
+
+DEFAULT_MODEL_WORKER = textwrap.dedent("""
+    import json
+    import jpaged
+    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three primes."]
+    greedy = jpaged.SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    tokens = {{}}
+    for tp in (1, 3):
+        llm = jpaged.LLM(None, tensor_parallel_size=tp, attention_backend={backend!r}, max_num_seqs=4,
+                         max_model_len=1024, kv_cache_memory=256 << 20, compilation_cache_dir="")
+        tokens[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        del llm
+    print("RESULTS" + json.dumps(tokens))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_the_default_model_gives_the_same_tokens_on_3_devices(tmp_path, backend):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", DEFAULT_MODEL_WORKER.format(backend=backend)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))[len("RESULTS"):])
+    assert tokens["1"] == tokens["3"] and all(len(t) == 32 for t in tokens["1"])
