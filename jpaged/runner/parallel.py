@@ -19,9 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jpaged.attention.sharded import AXIS  # the mesh's one axis, which the backend splits heads on
 from jpaged.models import ModelConfig
-
-AXIS = "tp"
 
 
 def plan_layout(config: ModelConfig, size: int) -> ModelConfig:
@@ -109,9 +108,3 @@ def param_shardings(params: dict, mesh: Mesh) -> dict:
             out[name] = NamedSharding(mesh, P(*spec))
         return out
     return visit(params)
-
-
-def pool_sharding(mesh: Mesh, ndim: int, head_axis: int) -> NamedSharding:
-    spec = [None] * ndim
-    spec[head_axis] = AXIS
-    return NamedSharding(mesh, P(*spec))
