@@ -22,12 +22,14 @@ _API = {
     "BeamSearchOutput": "jpaged.outputs",
     "serve": "jpaged.entrypoints.openai.launcher",
     "start_server": "jpaged.entrypoints.openai.launcher",
+    "run_worker": "jpaged.engine.worker",
 }
 __all__ = [*_API, "__version__"]
 
 if TYPE_CHECKING:
     from .config import EngineConfig
     from .entrypoints.llm import LLM
+    from .engine.worker import run_worker
     from .entrypoints.openai.launcher import serve, start_server
     from .outputs import BeamSearchOutput, CompletionOutput, Logprob, RequestOutput
     from .sampling_params import BeamSearchParams, SamplingParams

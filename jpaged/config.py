@@ -78,6 +78,13 @@ class EngineConfig:
         1, "devices to split the model over (tensor parallelism on a JAX mesh: query and KV "
            "heads and MLP columns split, one all-reduce after attention and one after the MLP; "
            "the KV pool split by KV heads, `kv_cache_memory` over all devices)")
+    coordinator_address: str | None = config_field(
+        None, "host:port of process 0's JAX coordination service, for a model split over "
+              "several processes (jax.distributed); every process passes the same")
+    num_processes: int = config_field(
+        1, "processes of the JAX program: process 0 is the engine (LLM, jpaged serve), the "
+           "others run `jpaged worker` with the same flags and follow its steps")
+    process_id: int = config_field(0, "this process's rank, 0 to num_processes - 1")
 
     def __post_init__(self):
         def positive(name):
@@ -85,8 +92,22 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
-                     "tensor_parallel_size"):
+                     "tensor_parallel_size", "num_processes"):
             positive(name)
+        if not 0 <= self.process_id < self.num_processes or isinstance(self.process_id, bool):
+            raise ValueError(f"process_id must be in [0, num_processes={self.num_processes}), "
+                             f"got {self.process_id!r}")
+        if self.num_processes > 1:
+            if not self.coordinator_address:
+                raise ValueError(f"num_processes={self.num_processes} needs coordinator_address "
+                                 "(host:port of process 0)")
+            if self.tensor_parallel_size % self.num_processes:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be a "
+                                 f"multiple of num_processes={self.num_processes}: the model is "
+                                 "split over every process's devices")
+            if self.preemption_mode == "swap":  # each process would swap its own heads' slices
+                raise ValueError("preemption_mode='swap' is not available with num_processes > 1; "
+                                 "use 'recompute'")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         for name in ("kv_cache_memory", "max_model_len", "max_mixed_step_tokens"):

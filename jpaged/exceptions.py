@@ -54,6 +54,11 @@ class EngineDeadError(JpagedError, RuntimeError):
     """The engine thread has stopped: no request can be served."""
 
 
+class DistributedError(JpagedError, RuntimeError):
+    """A process of a model split over several processes (jax.distributed) is gone, or the
+    processes disagree on their engine arguments: the engine cannot go on."""
+
+
 class EngineNotReadyError(JpagedError, RuntimeError):
     """The engine is alive but still warming up (compiling its executables)."""
 

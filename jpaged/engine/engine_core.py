@@ -9,6 +9,7 @@ and the server's `AsyncEngine` drives it from a thread (docs/design.md, "One ste
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import itertools
@@ -24,8 +25,9 @@ from jpaged.core.block_manager import BlockManager
 from jpaged.core.scheduler import Scheduler
 from jpaged.core.scheduler_output import SchedulerOutput
 from jpaged.core.sequence import Request, Sequence
-from jpaged.exceptions import InvalidRequestError, InvalidRequestTypeError
+from jpaged.exceptions import DistributedError, InvalidRequestError, InvalidRequestTypeError
 from jpaged.outputs import RequestOutput
+from jpaged.runner import distributed
 from jpaged.runner.kv_cache import plan_kv_cache
 from jpaged.runner.model_loader import is_default_model, load_model
 from jpaged.runner.executables import ExecutableTable, source_fingerprint
@@ -54,6 +56,58 @@ def _device_bytes(tree) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree_util.tree_leaves(tree))
 
 
+def eos_token_ids(loaded) -> set[int]:
+    """The model's end-of-sequence ids: its config's and its tokenizer's."""
+    eos = set(loaded.config.eos_token_ids)
+    if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
+        eos.add(loaded.tokenizer.eos_token_id)
+    return eos
+
+
+def build_runner(config: EngineConfig, model, params=None, tokenizer=None,
+                 leader: distributed.Leader | None = None):
+    """The model loaded, its KV pool planned, and the runner over them: (loaded, kv, runner);
+    the engine's and every worker process's the same way."""
+    loaded = load_model(model, params=params, tokenizer=tokenizer, dtype=config.dtype,
+                        scan_layers=config.scan_layers, attention_backend=config.attention_backend,
+                        pack_weights=config.pack_weights,
+                        tensor_parallel_size=config.tensor_parallel_size)
+    kv = plan_kv_cache(config, loaded.config, jax.tree_util.tree_leaves(loaded.params)[0].dtype,
+                       loaded.backend)
+    runner = ModelRunner(loaded.module, loaded.params, loaded.config, loaded.backend, kv,
+                         max_num_seqs=config.max_num_seqs,
+                         max_num_batched_tokens=config.max_num_batched_tokens,
+                         max_logprobs=config.max_logprobs, eos_token_ids=sorted(eos_token_ids(loaded)),
+                         executables=executable_table(config, loaded, kv), leader=leader)
+    return loaded, kv, runner
+
+
+def executable_table(config: EngineConfig, loaded, kv) -> ExecutableTable:
+    """The runner's executables, saved beside XLA's cache for a model loaded from a path
+    (an in-memory model's code is not in the fingerprint: it keeps to XLA's cache)."""
+    directory = executables_dir(config.compilation_cache_dir)
+    # A sharded executable loaded back from disk refuses host inputs ("expected 2
+    # shards"): under tensor parallelism XLA's persistent cache serves them instead.
+    if directory is None or loaded.path is None or config.tensor_parallel_size > 1:
+        enable_compilation_cache(config.compilation_cache_dir)
+        return ExecutableTable()
+    leaves = jax.tree_util.tree_flatten(loaded.params)
+    identity = repr((source_fingerprint(), type(loaded.module).__qualname__, loaded.config,
+                     str(leaves[1]), [(x.shape, str(x.dtype)) for x in leaves[0]],
+                     loaded.backend.name, str(kv.dtype), kv.num_blocks, kv.block_size,
+                     kv.max_model_len, getattr(loaded.module, "packed_weights", False),
+                     config.tensor_parallel_size))
+    return ExecutableTable(directory, hashlib.sha256(identity.encode()).hexdigest())
+
+
+def process_identity(config: EngineConfig, loaded, kv) -> str:
+    """What every process of one JAX program must share: engine arguments (but the rank),
+    the model's layout and the pool's plan."""
+    args = dataclasses.replace(config, process_id=0)
+    shapes = [(x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(loaded.params)]
+    return repr((args, loaded.config, shapes, kv))
+
+
 class EngineCore:
     """`model`: None (the embedded SmolLM2-135M-Instruct), a path to a Hugging Face folder or
     a .gguf file, or an in-memory Flax model (then pass `params=` and `tokenizer=`). Other
@@ -62,28 +116,25 @@ class EngineCore:
     def __init__(self, model=None, *, params=None, tokenizer=None, **engine_args):
         self.config = config = EngineConfig(**engine_args)
         start = time.perf_counter()
-        loaded = load_model(model, params=params, tokenizer=tokenizer, dtype=config.dtype,
-                            scan_layers=config.scan_layers, attention_backend=config.attention_backend,
-                            pack_weights=config.pack_weights,
-                            tensor_parallel_size=config.tensor_parallel_size)
+        self.leader = None
+        if config.num_processes > 1:  # process 0 of several: the others follow its steps
+            if config.process_id != 0:
+                raise ValueError(f"process_id={config.process_id} is a worker: run `jpaged worker` "
+                                 "(jpaged.run_worker) there; the engine is process 0")
+            distributed.initialize(config.coordinator_address, config.num_processes, 0)
+            self.leader = distributed.Leader()
+        loaded, kv, self.runner = build_runner(config, model, params, tokenizer, self.leader)
+        if self.leader is not None:
+            distributed.agree(process_identity(config, loaded, kv))
+            atexit.register(self.leader.stop)
         self.model_path = loaded.path  # the file or folder loaded (None: an in-memory model)
         self.is_default_model = model is None or is_default_model(loaded.path)
         self.model_config = loaded.config
         self.params = loaded.params
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config or dict(DEFAULT_GENERATION_CONFIG)
-        eos = set(loaded.config.eos_token_ids)
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = eos
-        kv = plan_kv_cache(config, loaded.config, jax.tree_util.tree_leaves(self.params)[0].dtype,
-                           loaded.backend)
+        self.eos_token_ids = eos = eos_token_ids(loaded)
         self.max_model_len = kv.max_model_len
-        self.runner = ModelRunner(loaded.module, self.params, loaded.config, loaded.backend, kv,
-                                  max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_logprobs=config.max_logprobs, eos_token_ids=sorted(eos),
-                                  executables=self._executable_table(loaded, kv))
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching, kv.num_host_blocks)
         self.scheduler = Scheduler(config, self.block_manager, self.runner.cut_buckets(),
@@ -229,6 +280,8 @@ class EngineCore:
             steps = self.stats.steps
             try:
                 requests = self.step_requests()
+            except DistributedError:  # a process of the JAX program is gone: no step can run
+                raise
             except Exception as e:  # noqa: BLE001 - keep serving the next requests
                 step_failed(e)
                 continue
@@ -246,23 +299,6 @@ class EngineCore:
             self.runner.copy_blocks(batch.blocks_to_copy)
         self.stats.blocks_copied += len(batch.blocks_to_copy)
         self.stats.blocks_swapped += len(batch.blocks_to_swap_in) + len(batch.blocks_to_swap_out)
-
-    def _executable_table(self, loaded, kv) -> ExecutableTable:
-        """The runner's executables, saved beside XLA's cache for a model loaded from a path
-        (an in-memory model's code is not in the fingerprint: it keeps to XLA's cache)."""
-        directory = executables_dir(self.config.compilation_cache_dir)
-        # A sharded executable loaded back from disk refuses host inputs ("expected 2
-        # shards"): under tensor parallelism XLA's persistent cache serves them instead.
-        if directory is None or loaded.path is None or self.config.tensor_parallel_size > 1:
-            enable_compilation_cache(self.config.compilation_cache_dir)
-            return ExecutableTable()
-        leaves = jax.tree_util.tree_flatten(loaded.params)
-        identity = repr((source_fingerprint(), type(loaded.module).__qualname__, loaded.config,
-                         str(leaves[1]), [(x.shape, str(x.dtype)) for x in leaves[0]],
-                         loaded.backend.name, str(kv.dtype), kv.num_blocks, kv.block_size,
-                         kv.max_model_len, getattr(loaded.module, "packed_weights", False),
-                         self.config.tensor_parallel_size))
-        return ExecutableTable(directory, hashlib.sha256(identity.encode()).hexdigest())
 
     def warmup(self, sampling_params: Seq[SamplingParams] | None = None, *, use_tqdm: bool = True,
                workers: int = 2) -> float:

@@ -59,7 +59,7 @@ def _chunks(n: int) -> list[slice]:
     return [slice(i, min(n, i + SWAP_CHUNK)) for i in range(0, n, SWAP_CHUNK)] or [slice(0, 0)]
 
 
-def _padded(ids, fill: int) -> np.ndarray:
+def padded(ids, fill: int) -> np.ndarray:
     out = np.full(next_power_of_2(len(ids), 8), fill, np.int32)
     out[:len(ids)] = ids
     return out
@@ -67,7 +67,7 @@ def _padded(ids, fill: int) -> np.ndarray:
 
 def copy_blocks(pool, src, dst, axis: int):
     """pool with block dst[i] := block src[i] (all reads before writes)."""
-    return _copy(pool, _padded(src, 0), _padded(dst, 0), np.int32(len(dst)), axis=axis)
+    return _copy(pool, padded(src, 0), padded(dst, 0), np.int32(len(dst)), axis=axis)
 
 
 def warm_copies(pool, max_pairs: int, axis: int):
@@ -83,7 +83,7 @@ def gather_blocks(pool, blocks, axis: int) -> tuple[np.ndarray, ...]:
     """Host (numpy) copies of `blocks` of each pool, in order."""
     parts = []
     for c in _chunks(len(blocks)):
-        out = jax.device_get(_gather(pool, _padded(blocks[c], 0), axis=axis))
+        out = jax.device_get(_gather(pool, padded(blocks[c], 0), axis=axis))
         parts.append(tuple(np.asarray(o)[_index(axis, slice(0, c.stop - c.start))] for o in out))
     return tuple(np.concatenate(p, axis=axis) for p in zip(*parts))
 
@@ -92,14 +92,14 @@ def scatter_blocks(pool, blocks, values, axis: int):
     """pool with `blocks` overwritten by host arrays `values` (one per pool)."""
     for c in _chunks(len(blocks)):
         n = c.stop - c.start
-        padded = []
+        bufs = []
         for v in values:
             shape = list(v.shape)
             shape[axis] = next_power_of_2(n, 8)
             buf = np.zeros(shape, v.dtype)
             buf[_index(axis, slice(0, n))] = v[_index(axis, c)]
-            padded.append(buf)
-        pool = _scatter(pool, _padded(blocks[c], 0), tuple(padded), np.int32(n), axis=axis)
+            bufs.append(buf)
+        pool = _scatter(pool, padded(blocks[c], 0), tuple(bufs), np.int32(n), axis=axis)
     return pool
 
 

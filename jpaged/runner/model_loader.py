@@ -1,7 +1,8 @@
 """What the runner runs: the Flax module, its params on the device, the model's config,
 tokenizer and generation defaults, from a path or from an in-memory model.
 
-A path (or None, the embedded default) is read by `jpaged.models.loader`; an in-memory
+A path (or None, the embedded default) is read by `jpaged.models.loader`, the weights of a
+folder `jpaged convert` wrote by `checkpoint` (straight into the devices' shards); an in-memory
 Flax model comes with its own params and tokenizer (a research pipeline's model). Either
 way the module gets the chosen attention backend, and the params the layer layout the
 module runs (unrolled `layers_i`, or one stacked `layers` tree under `scan_layers`), packed
@@ -25,7 +26,7 @@ from jpaged.models import ModelConfig, model_class
 from jpaged.models.llama import pack_params, stack_layers, unstack_layers
 from jpaged.ops import matmul
 
-from . import parallel
+from . import checkpoint, parallel
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
         raise TypeError("pass a Flax model instance (e.g. LlamaForCausalLM(config, backend)), "
                         "not a ModelConfig")
     generation_config: dict[str, Any] = {}
+    converted = None  # a `jpaged convert` folder: its params are restored below, on the devices
     if hasattr(model, "apply") and hasattr(model, "config"):  # in-memory Flax model
         if params is None or tokenizer is None:
             raise ValueError("an in-memory model needs params= and tokenizer=")
@@ -98,13 +100,16 @@ def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
         params = params.get("params", params)
         path = None
     else:
-        from jpaged.models.loader import (load_config, load_generation_config, load_params,
-                                          load_tokenizer, resolve_model_path)
+        from jpaged.models.loader import (is_converted, load_config, load_generation_config,
+                                          load_params, load_tokenizer, resolve_model_path)
         resolved = resolve_model_path(model)
         path = str(resolved)
         model_config = load_config(resolved)
         tokenizer = tokenizer or load_tokenizer(resolved)
-        params = load_params(resolved, model_config, dtype)
+        if is_converted(resolved):
+            converted = resolved
+        else:
+            params = load_params(resolved, model_config, dtype)
         generation_config = load_generation_config(resolved)
         module = model_class(model_config.model_type)(model_config, backend, jnp.dtype(dtype))
     if not hasattr(module, "scan_layers"):
@@ -114,10 +119,15 @@ def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
     else:
         if scan_layers is not None:
             module = module.clone(scan_layers=scan_layers)
-        params = (stack_layers if module.scan_layers else unstack_layers)(params, model_config.num_layers)
+        if converted is None:
+            params = (stack_layers if module.scan_layers else unstack_layers)(
+                params, model_config.num_layers)
+    stacked = getattr(module, "scan_layers", False)
     if tensor_parallel_size > 1:
         return _split(module, backend, params, model_config, tokenizer, path, generation_config,
-                      tensor_parallel_size, pack_weights)
+                      tensor_parallel_size, pack_weights, converted, dtype, stacked)
+    if converted is not None:
+        params = checkpoint.restore(converted, model_config, dtype, None, stacked)
     if _packs(module, params, pack_weights):
         params = pack_params(params, model_config)
         module = module.clone(packed_weights=True)
@@ -126,9 +136,10 @@ def load_model(model, *, params=None, tokenizer=None, dtype: str = "auto",
 
 
 def _split(module, backend, params, config, tokenizer, path, generation_config, size: int,
-           pack_weights: bool | None) -> LoadedModel:
+           pack_weights: bool | None, converted, dtype: str, stacked: bool) -> LoadedModel:
     """The model over a mesh of `size` devices (`jpaged.runner.parallel`): params regrouped
-    and placed straight into their shards, the pool's backend run per device."""
+    and placed into their shards (a converted folder's: each device reads only its own),
+    the pool's backend run per device."""
     if not hasattr(module, "tensor_parallel"):
         raise ValueError(f"tensor_parallel_size={size} needs a model with a `tensor_parallel` "
                          f"field; {type(module).__name__} has none")
@@ -136,8 +147,11 @@ def _split(module, backend, params, config, tokenizer, path, generation_config, 
         raise ValueError("pack_weights=True does not combine with tensor_parallel_size > 1")
     run = parallel.plan_layout(config, size)
     mesh = parallel.make_mesh(size)
-    params = parallel.regroup_params(params, config, run, size)
-    params = jax.device_put(params, parallel.param_shardings(params, mesh))
+    if converted is not None:
+        params = checkpoint.restore(converted, config, dtype, mesh, stacked)
+    else:
+        params = parallel.regroup_params(params, config, run, size)
+        params = jax.device_put(params, parallel.param_shardings(params, mesh))
     backend = ShardedBackend(backend, mesh)
     module = module.clone(config=run, backend=backend, tensor_parallel=size)
     return LoadedModel(module, backend, params, run, tokenizer, path, generation_config)

@@ -23,7 +23,8 @@ from jpaged.core.scheduler_output import SchedulerOutput
 from jpaged.models import ModelConfig
 from jpaged.utils import cache_root
 
-from . import block_ops
+from . import block_ops, distributed
+from .distributed import Leader, Op
 from .executables import ExecutableTable, num_built
 from .input_builder import InputBuilder, StepInputs
 from .kv_cache import KVCacheConfig
@@ -77,8 +78,10 @@ def pad_rows(logits: jax.Array, rows: int) -> jax.Array:
 class ModelRunner:
     def __init__(self, module, params, model_config: ModelConfig, backend: AttentionBackend,
                  kv: KVCacheConfig, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_logprobs: int, eos_token_ids=(), executables: ExecutableTable | None = None):
+                 max_logprobs: int, eos_token_ids=(), executables: ExecutableTable | None = None,
+                 leader: Leader | None = None):
         self.module = module
+        self.leader = leader  # process 0 of several: announces each step to the workers
         self.params = params
         self.config = model_config
         self.backend = backend
@@ -142,10 +145,19 @@ class ModelRunner:
 
     def _run(self, inputs: StepInputs, sampling: SamplingTensors, mode: SamplerMode):
         """The step, then the sampler (at `sampling`'s rows) on its logits."""
+        if self.leader is None:
+            return self._step_and_sample(inputs, sampling, mode)
+        self.leader.send(Op.STEP, self.input_builder.shape_of(inputs), inputs)
+        try:
+            return self._step_and_sample(inputs, sampling, mode)
+        except Exception as e:  # noqa: BLE001 - the workers ran this step: they are out of step
+            self.leader.stopped = True
+            raise distributed.lost(e) from e
+
+    def _step_and_sample(self, inputs: StepInputs, sampling: SamplingTensors, mode: SamplerMode):
         table = self.executables
         shape = self.input_builder.shape_of(inputs)
-        step = table.get(("step", shape), lambda: self._lower_step(shape))
-        logits, self.kv_pool = step(self.params, self.kv_pool, inputs)
+        logits = self.run_step(shape, inputs)
         if self.replicated is not None:  # whole on every device: the sampler runs on the first
             logits = logits.addressable_shards[0].data
         B, rows = shape[1], len(sampling.temperature)
@@ -153,6 +165,12 @@ class ModelRunner:
             logits = table.get(("pad", B, rows), lambda: self._lower_pad(B, rows))(logits)
         out = table.get(("sample", rows, mode), lambda: self._lower_sampler(rows, mode))(logits, sampling)
         return jax.device_get(out)
+
+    def run_step(self, shape: tuple[int, int, int, int], inputs: StepInputs) -> jax.Array:
+        """The model step of bucket `shape` on `inputs` (the pool updated); its logits."""
+        step = self.executables.get(("step", shape), lambda: self._lower_step(shape))
+        logits, self.kv_pool = step(self.params, self.kv_pool, inputs)
+        return logits
 
     # ---- compiling ------------------------------------------------------------------------
 
@@ -222,6 +240,9 @@ class ModelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Block dst := block src for each (src, dst), in the K and V pools (all reads first)."""
         src, dst = zip(*pairs)
+        if self.leader is not None:
+            padded = np.stack([block_ops.padded(src, 0), block_ops.padded(dst, 0)])
+            self.leader.send(Op.COPY, (padded.shape[1], len(pairs)), padded)
         self.kv_pool = block_ops.copy_blocks(self.kv_pool, src, dst, self.backend.block_axis)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:

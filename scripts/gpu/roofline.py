@@ -156,12 +156,11 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ["JAX_PLATFORMS"] = "cpu"  # before jax: the CUDA plugin fails cuInit without a GPU
-    from jpaged.aot.targets import deviceless_unavailable_reason
-    for gpu in args.gpu:
-        reason = deviceless_unavailable_reason(gpu)
-        if reason:
-            print(f"cannot compile for {gpu}: {reason}", file=sys.stderr)
-            return 2
+    from jpaged.aot.targets import unavailable_message
+    message = unavailable_message(args.gpu)
+    if message:
+        print(message, file=sys.stderr)
+        return 2
     rows = []
     for model_name in args.model:
         for gpu in args.gpu:

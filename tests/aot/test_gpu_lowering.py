@@ -8,8 +8,10 @@
    configs jpaged ships): needs the CUDA plugin (`jax[cuda12-local]`, kept out
    of the main venv: see jpaged/aot/gpu_targets/README.md); skipped with the
    reason when absent, a failure under JPAGED_REQUIRE_DEVICELESS=1.
-3. The HLO cost model of `jpaged.aot.hlo_cost` on CPU compiles.
-4. The GPU scripts import and parse `--help`.
+3. Tensor parallelism: the engine's sharded step for Llama-2-70B compiled
+   deviceless for 8 GPUs (`jpaged.aot.parallel`), its collectives counted.
+4. The HLO cost model of `jpaged.aot.hlo_cost` on CPU compiles.
+5. The GPU scripts import and parse `--help`.
 """
 
 import glob
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.aot import hlo_cost, step, targets
+from jpaged.aot import hlo_cost, parallel, step, targets
 from jpaged.attention.selector import get_backend
 from jpaged.models.config import ModelConfig
 from jpaged.pallas_kernels import paged_attention, ragged_paged_attention, write_kv
@@ -278,6 +280,100 @@ def test_deviceless_engine_step_sampling_modes(gpu):
     assert "while" in text  # the exact filter path's rejection rounds
     logits_bytes = 256 * step.LLAMA2_7B.vocab_size * 4
     assert compiled.memory_analysis().temp_size_in_bytes < 16 * logits_bytes
+
+
+# --- tensor parallelism: Llama-2-70B over 8 GPUs --------------------------------
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_deviceless_sharded_70b_step(gpu, kind):
+    """The engine's tensor-parallel step (Llama-2-70B over 8 deviceless GPUs, Pallas,
+    bfloat16, layers scanned; 2-8 s to compile) runs the Triton kernel on each GPU's heads
+    and exactly two all-reduces per layer (after o_proj and down_proj) of the residual
+    stream [N, hidden], which is float32 (4 bytes a value, not bfloat16's 2), and no other
+    collective: the embedding, head, norms and step inputs are replicated. Each GPU holds
+    its share of the weights and of the pool, which stays donated and is never copied."""
+    _deviceless_sharding(gpu)
+    cfg, tp = step.LLAMA2_70B, 8
+    scenario = (parallel.Scenario.decode(64, 2048) if kind == "decode"
+                else parallel.Scenario.prefill(4, 512))
+    bucket = scenario.bucket()
+    sharded = parallel.sharded_step_specs(cfg, bucket, gpu, tp)
+    compiled = parallel.compile_sharded_step(sharded)
+    hlo = compiled.as_text()
+    name = DECODE_NAME if kind == "decode" else RAGGED_NAME
+    assert TRITON_CALL in hlo and name in hlo
+
+    row = parallel.roofline(sharded, scenario, compiled)
+    L, H, KV, D, E, I, V = (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                            cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
+    activation_bytes = 4
+    assert row["collectives"] == {"all-reduce": {
+        "count": 2 * L, "bytes": 2 * L * bucket.num_tokens * E * activation_bytes}}
+    assert row["link_bytes_per_gpu"] == pytest.approx(
+        2 * (tp - 1) / tp * row["collectives"]["all-reduce"]["bytes"])
+    split = E * (H + 2 * KV) * D + H * D * E + 3 * E * I  # qkv, o, gate_up, down
+    weights = 2 * (L * split // tp + 2 * L * E + 2 * V * E + E)  # + norms, embedding, head
+    assert row["weights_bytes_per_gpu"] == weights
+    pool = row["pool_bytes_per_gpu"]
+    assert pool == step.pool_bytes(cfg, bucket) // tp
+    mem = compiled.memory_analysis()
+    assert weights + pool <= mem.argument_size_in_bytes < weights + pool + (1 << 20)
+    assert mem.alias_size_in_bytes >= pool  # the pool's shards donated: updated in place
+    # Temporaries: one layer's weights sliced out of the scan's stack (about 1/85 of the
+    # GPU's weights) and activations; never a copy of the pool or of every layer's weights.
+    assert mem.temp_size_in_bytes < min(weights / 40, max(pool / 20, 1 << 30))
+    print(f"{tp} x {gpu} {kind}: {row['collectives']}, step {row['step_s'] * 1e3:.2f} ms "
+          f"(HBM {row['t_hbm_s'] * 1e3:.2f}, FLOP {row['t_flops_s'] * 1e3:.2f}, "
+          f"NVLink {row['t_link_s'] * 1e3:.2f}), temp {mem.temp_size_in_bytes / 1e6:.1f} MB")
+
+
+# A partitioned module as XLA prints it, cut down: an async all-reduce in a layer loop of 5
+# trips, a fusion it calls, and one all-gather after the loop.
+_LOOPED_HLO = """HloModule jit_step, entry_computation_layout={(f32[4,8]{1,0})->f32[32,8]{1,0}}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %h = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %all-reduce-start = f32[4,8]{1,0} all-reduce-start(%h), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%add
+  %all-reduce-done = f32[4,8]{1,0} all-reduce-done(%all-reduce-start)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %all-reduce-done)
+}
+
+%cond (p.1: (s32[], f32[4,8])) -> pred[] {
+  %p.1 = (s32[], f32[4,8]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[32,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4,8]{1,0}) tuple(%zero, %a)
+  %while = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %out = f32[4,8]{1,0} get-tuple-element(%while), index=1
+  ROOT %all-gather = f32[32,8]{1,0} all-gather(%out), channel_id=2, replica_groups=[1,8]<=[8], dimensions={0}
+}
+"""
+
+
+def test_collectives_counted_per_loop_trip():
+    """`hlo_cost.collectives` counts a loop body's collectives once per trip, an async pair
+    once, and sizes each by its result; a loop of unknown trip count is an error."""
+    assert hlo_cost.collectives(_LOOPED_HLO) == {
+        "all-reduce": {"count": 5, "bytes": 5 * 4 * 8 * 4},
+        "all-gather": {"count": 1, "bytes": 32 * 8 * 4}}
+    ring = parallel.collective_seconds(hlo_cost.collectives(_LOOPED_HLO), 8, 1.0)
+    assert ring == pytest.approx(2 * 7 / 8 * 5 * 128 + 7 / 8 * 1024)
+    with pytest.raises(ValueError, match="known trip count"):
+        hlo_cost.collectives(_LOOPED_HLO.replace('"known_trip_count":{"n":"5"}', "{}"))
 
 
 def test_loop_corrected_cost_counts_trip_counts():
