@@ -203,6 +203,27 @@ def test_a_dead_process_ends_the_others_with_a_message(tmp_path, tiny, victim):
     assert re.search(expected, err), err[-2000:]
 
 
+def test_processes_with_other_arguments_refuse_to_start(tmp_path, tiny):
+    """A worker started with another KV pool size than process 0's: both stop at start,
+    naming the rank that differs (the pool plans would not match)."""
+    fmt = dict(tests=TESTS, prompts=PROMPTS, shared=SHARED, path=str(tiny), hold=False,
+               inline_bytes=1 << 20)
+    common = dict(ENGINE, compilation_cache_dir=str(tiny.parent / "xla-cache"), tensor_parallel_size=2,
+                  num_processes=2, coordinator_address=f"127.0.0.1:{free_port()}")
+    engine = start(ENGINE_PROCESS.format(**fmt, engine=dict(common, process_id=0)), tmp_path)
+    worker = start(WORKER_PROCESS.format(**fmt, engine=dict(common, process_id=1,
+                                                             kv_cache_memory=2 << 20)), tmp_path)
+    try:
+        codes = engine.wait(120), worker.wait(120)
+        errors = engine.stderr.read(), worker.stderr.read()
+    finally:
+        for p in (engine, worker):
+            p.kill()
+    assert codes[0] != 0 and codes[1] != 0
+    for err in errors:
+        assert "processes [1] run other engine arguments or another model than process 0" in err, err[-2000:]
+
+
 def tiny_with_tokenizer(path):
     """A random tiny Llama with the default model's tokenizer (and vocabulary), so the server
     can take text."""
