@@ -70,13 +70,10 @@ ENGINE_PROCESS = WORKLOAD + textwrap.dedent("""
 """)
 
 WORKER_PROCESS = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
     import jpaged
-    from helpers import NoTokenizer
     import jpaged.runner.distributed
     jpaged.runner.distributed.HEADER_POLL_MS = 300
-    steps = jpaged.run_worker({path!r}, tokenizer=NoTokenizer(), **{engine!r})
+    steps = jpaged.run_worker({path!r}, **{engine!r})  # the folder has no tokenizer: none needed
     print("WORKER STEPS", steps, flush=True)
 """)
 
