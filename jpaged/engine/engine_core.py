@@ -133,7 +133,7 @@ class EngineCore:
         self.params = loaded.params
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config or dict(DEFAULT_GENERATION_CONFIG)
-        self.eos_token_ids = eos = eos_token_ids(loaded)
+        self.eos_token_ids = eos = set(self.runner.eos_token_ids)
         self.max_model_len = kv.max_model_len
         self.block_manager = BlockManager(kv.num_blocks, config.block_size,
                                           config.enable_prefix_caching, kv.num_host_blocks)

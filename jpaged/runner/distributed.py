@@ -192,6 +192,11 @@ class Leader:
                 self.stopped = True
                 raise
 
+    def fail(self, error: Exception) -> DistributedError:
+        """An operation the workers were told of failed here: they are out of step for good."""
+        self.stopped = True
+        return lost(error)
+
     def stop(self) -> None:
         """Release the workers (once; a lost worker is not waited for)."""
         if not self.stopped:

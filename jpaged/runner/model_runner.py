@@ -23,7 +23,7 @@ from jpaged.core.scheduler_output import SchedulerOutput
 from jpaged.models import ModelConfig
 from jpaged.utils import cache_root
 
-from . import block_ops, distributed
+from . import block_ops
 from .distributed import Leader, Op
 from .executables import ExecutableTable, num_built
 from .input_builder import InputBuilder, StepInputs
@@ -151,8 +151,7 @@ class ModelRunner:
         try:
             return self._step_and_sample(inputs, sampling, mode)
         except Exception as e:  # noqa: BLE001 - the workers ran this step: they are out of step
-            self.leader.stopped = True
-            raise distributed.lost(e) from e
+            raise self.leader.fail(e) from e
 
     def _step_and_sample(self, inputs: StepInputs, sampling: SamplingTensors, mode: SamplerMode):
         table = self.executables
