@@ -15,6 +15,7 @@ GiB = 1 << 30
 ATTENTION_BACKENDS = ("auto", "cpu", "xla", "reference", "pallas", "pallas-interpret")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap")
+KV_POLICIES = ("paged", "orca-max", "orca-pow2", "orca-oracle", "static")  # core/kv_alloc_policy.py
 
 
 def config_field(default: Any, help: str, *, choices: tuple | None = None,
@@ -61,6 +62,18 @@ class EngineConfig:
                      "freed and recomputed, or swapped to host memory", choices=PREEMPTION_MODES)
     swap_space: int = config_field(1 * GiB, "bytes of host memory for swapped-out blocks; takes "
                                             "units [default: 1GiB]", unit="bytes")
+    kv_policy: str = config_field(
+        "paged", "how KV blocks are allocated: paged = on demand (jpaged); the vLLM paper's "
+                 "baselines, for benchmarks, reserve each request's space as one contiguous run "
+                 "when it is admitted: orca-max = max_model_len tokens, orca-pow2 = the next "
+                 "power of two at or above prompt + max_tokens, orca-oracle = exactly prompt + "
+                 "max_tokens, static = orca-max with static batches (FasterTransformer: no "
+                 "request joins a running batch); the baselines share no blocks",
+        choices=KV_POLICIES)
+    enable_block_sharing: bool = config_field(
+        True, "forked sequences (parallel samples, beams) and common prompt prefixes share KV "
+              "blocks, copied on write; off (a benchmark baseline) a fork gets its own copy of "
+              "every block at its first write, and prefix caching is off")
     max_logprobs: int = config_field(20, "most top logprobs a request may ask for per token")
     compilation_cache_dir: str | None = config_field(
         None, "where compiled executables are kept across restarts (jpaged's own, for a "

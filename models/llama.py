@@ -170,6 +170,26 @@ class DecoderLayer(nn.Module):
         return ((h, k_pool, v_pool), None) if self.scanned else (h, k_pool, v_pool)
 
 
+def run_layers(model: nn.Module, layer_cls, carry, *args):
+    """The model's `config.num_layers` layers of `layer_cls` (each called as
+    `layer(carry, index, *args)`, built with the model's backend, dtype, packing and
+    tensor_parallel) over `carry`: unrolled (`layers_0` ...) or, with `model.scan_layers`,
+    under `nn.scan` (`layers`), the two layouts `stack_layers` converts between. Called from
+    the model's compact `__call__`, so that the layers are its submodules."""
+    n = model.config.num_layers
+    kwargs = dict(config=model.config, backend=model.backend, param_dtype=model.param_dtype,
+                  packed=model.packed_weights, tensor_parallel=model.tensor_parallel)
+    if model.scan_layers:
+        layers = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0,) + (nn.broadcast,) * len(args), length=n)
+        carry, _ = layers(**kwargs, scanned=True, name="layers")(
+            carry, jnp.arange(n, dtype=jnp.int32), *args)
+        return carry
+    for i in range(n):
+        carry = layer_cls(**kwargs, name=f"layers_{i}")(carry, i, *args)
+    return carry
+
+
 class LlamaForCausalLM(nn.Module):
     """__call__(token_ids [N], positions [N], kv_pool (k, v), meta, logits_index [B])
     -> (logits f32[B, vocab] at the sampled positions, updated kv_pool)."""
@@ -193,20 +213,7 @@ class LlamaForCausalLM(nn.Module):
         # conditional's result is materialized, and both branches are the same.
         tables = lambda f: (jnp.cos(f), jnp.sin(f))  # noqa: E731
         cos, sin = jax.lax.cond(positions[0] >= 0, tables, tables, freqs)
-        carry = (h, *kv_pool)
-        if self.scan_layers:
-            layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
-            carry, _ = layers(c, self.backend, self.param_dtype, scanned=True,
-                              packed=self.packed_weights, tensor_parallel=self.tensor_parallel,
-                              name="layers")(
-                carry, jnp.arange(c.num_layers, dtype=jnp.int32), cos, sin, meta)
-        else:
-            for i in range(c.num_layers):
-                carry = DecoderLayer(c, self.backend, self.param_dtype, packed=self.packed_weights,
-                                     tensor_parallel=self.tensor_parallel, name=f"layers_{i}")(
-                    carry, i, cos, sin, meta)
-        h, k_pool, v_pool = carry
+        h, k_pool, v_pool = run_layers(self, DecoderLayer, (h, *kv_pool), cos, sin, meta)
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h[logits_index])
         # Sampled rows: the real sequences come first; padding ones have no context.
         num_seqs = jnp.sum(meta.context_lens > 0, dtype=jnp.int32)

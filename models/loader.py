@@ -30,6 +30,21 @@ torch ``Linear.weight``)::
     layers_i/down_proj/kernel       [F, D]
     norm/scale                      [D]
     lm_head/kernel                  [D, V]               only if not tied
+
+OPT (``models/opt.py``; HF names under ``model.decoder.``), every bias only if
+``config.attention_bias`` (OPT's ``enable_bias``); E = word_embed_proj_dim or D::
+
+    embed_tokens/embedding          [V, E]
+    embed_positions/embedding       [P + 2, D]           P = max_position_embeddings
+    project_in/kernel               [E, D]               only if E != D (project_out: [D, E])
+    layers_i/attn_norm/{scale,bias} [D]                  self_attn_layer_norm
+    layers_i/qkv_proj/{kernel,bias} [D, 3*H*hd]          columns: q, then k, then v
+    layers_i/o_proj/{kernel,bias}   [H*hd, D]            out_proj
+    layers_i/mlp_norm/{scale,bias}  [D]                  the layer's final_layer_norm
+    layers_i/fc1/{kernel,bias}      [D, F]
+    layers_i/fc2/{kernel,bias}      [F, D]
+    norm/{scale,bias}               [D]                  final_layer_norm; only if pre-norm
+    lm_head/kernel                  [E, V]               only if not tied
 """
 from __future__ import annotations
 
@@ -54,6 +69,7 @@ from jpaged.utils import cache_root
 
 from .config import ModelConfig
 from .gguf import GGUF_MAGIC, GGUFSource, build_gguf_tokenizer, gguf_header, gguf_to_hf_config
+from .opt import POSITION_OFFSET
 from .registry import SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
@@ -209,6 +225,8 @@ def _check_hf_config(d: dict, cfg_file: pathlib.Path) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r} in {cfg_file}; "
                          f"jpaged supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type == "opt":
+        return _check_opt_config(d, cfg_file)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                            "num_hidden_layers", "num_attention_heads") if k not in d]
     if missing:
@@ -218,6 +236,26 @@ def _check_hf_config(d: dict, cfg_file: pathlib.Path) -> None:
         raise ValueError(f"unsupported hidden_act {act!r} in {cfg_file}; jpaged supports silu")
     if d.get("mlp_bias"):
         raise ValueError(f"{cfg_file} sets mlp_bias=true, which jpaged does not support")
+
+
+def _check_opt_config(d: dict, cfg_file: pathlib.Path) -> None:
+    missing = [k for k in ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers",
+                           "num_attention_heads") if k not in d]
+    if missing:
+        raise ValueError(f"{cfg_file} lacks required field(s) {missing}")
+    if d["hidden_size"] % d["num_attention_heads"]:
+        raise ValueError(f"{cfg_file}: hidden_size {d['hidden_size']} is not divisible by "
+                         f"num_attention_heads {d['num_attention_heads']}")
+    act = d.get("activation_function", "relu")
+    if act != "relu":
+        raise ValueError(f"unsupported activation_function {act!r} in {cfg_file}; jpaged's OPT "
+                         "supports relu")
+    if not d.get("layer_norm_elementwise_affine", True):
+        raise ValueError(f"{cfg_file} sets layer_norm_elementwise_affine=false, which jpaged's "
+                         "OPT does not support")
+    if d.get("_remove_final_layer_norm") and d.get("do_layer_norm_before", True):
+        raise ValueError(f"{cfg_file} sets _remove_final_layer_norm=true, which jpaged's OPT "
+                         "does not support")
 
 
 def _check_config(config: ModelConfig) -> None:
@@ -366,10 +404,21 @@ def _row_chunks(n: int, target: int) -> list[tuple[int, int]]:
 
 
 def _assemble(source: _Source, config: ModelConfig, dtype: np.dtype, label: str) -> dict:
-    prefix = _hf_prefix(source.names)
-    expected = _expected_tensors(config, prefix)
+    if config.model_type == "opt":
+        prefix = _opt_prefix(source.names)
+        expected, fill = _opt_expected_tensors(config, prefix), _opt_params
+    else:
+        prefix = _hf_prefix(source.names)
+        expected, fill = _expected_tensors(config, prefix), _llama_params
+    _check_tensors(source, config, expected, label)
+    params, tasks = fill(source.get, config, dtype, prefix)
+    _run_tasks(tasks, desc=f"Loading {label}")
+    return params
 
-    # Check everything before touching any data.
+
+def _check_tensors(source: _Source, config: ModelConfig, expected: dict, label: str) -> None:
+    """Every tensor the model needs is there with its shape, and nothing else is (a tied
+    head's `lm_head.weight` aside); checked before any data is read."""
     missing = [n for n in expected if n not in source.names]
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
@@ -388,6 +437,26 @@ def _assemble(source: _Source, config: ModelConfig, dtype: np.dtype, label: str)
         raise ValueError(f"{label}: checkpoint holds tensor(s) jpaged's model has no place for: "
                          f"{shown} (unsupported architecture variant, or config mismatch)")
 
+
+def _embedding_tasks(get, params: dict, config: ModelConfig, prefix: str) -> list[Callable[[], None]]:
+    """The token embeddings and an untied head, in row chunks (one tensor is one task's
+    worth of reading otherwise, and the vocabulary is often the largest)."""
+    def embed_rows(a, b):
+        params["embed_tokens"]["embedding"][a:b] = get(f"{prefix}embed_tokens.weight", (a, b))
+
+    def lm_head_rows(a, b):
+        params["lm_head"]["kernel"][:, a:b] = get("lm_head.weight", (a, b)).T
+
+    tasks: list[Callable[[], None]] = []
+    for a, b in _row_chunks(config.vocab_size, 8):
+        tasks.append(functools.partial(embed_rows, a, b))
+        if not config.tie_word_embeddings:
+            tasks.append(functools.partial(lm_head_rows, a, b))
+    return tasks
+
+
+def _llama_params(get, config: ModelConfig, dtype: np.dtype, prefix: str):
+    """The Llama-family param tree (module doc), allocated, and the tasks that fill it."""
     L, D, V, F = config.num_layers, config.hidden_size, config.vocab_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     qkv_w = q + 2 * kv
@@ -410,19 +479,7 @@ def _assemble(source: _Source, config: ModelConfig, dtype: np.dtype, label: str)
     if not config.tie_word_embeddings:
         params["lm_head"] = {"kernel": np.empty((D, V), dtype)}
 
-    get = source.get
-    tasks: list[Callable[[], None]] = []
-
-    def embed_rows(a, b):
-        params["embed_tokens"]["embedding"][a:b] = get(f"{prefix}embed_tokens.weight", (a, b))
-
-    def lm_head_rows(a, b):
-        params["lm_head"]["kernel"][:, a:b] = get("lm_head.weight", (a, b)).T
-
-    for a, b in _row_chunks(V, 8):
-        tasks.append(functools.partial(embed_rows, a, b))
-        if not config.tie_word_embeddings:
-            tasks.append(functools.partial(lm_head_rows, a, b))
+    tasks = _embedding_tasks(get, params, config, prefix)
 
     def norm():
         params["norm"]["scale"][...] = get(f"{prefix}norm.weight")
@@ -454,9 +511,111 @@ def _assemble(source: _Source, config: ModelConfig, dtype: np.dtype, label: str)
     for i in range(L):
         tasks.append(functools.partial(attention, i))
         tasks.append(functools.partial(mlp, i))
+    return params, tasks
 
-    _run_tasks(tasks, desc=f"Loading {label}")
-    return params
+
+# ---- OPT (models/opt.py) ----------------------------------------------------------------
+
+def _opt_prefix(names: set[str]) -> str:
+    """`model.decoder.` (OPTForCausalLM), or `decoder.` for a checkpoint saved from OPTModel."""
+    return "decoder." if "decoder.embed_tokens.weight" in names else "model.decoder."
+
+
+def _opt_expected_tensors(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> torch-layout shape for every tensor the OPT model needs."""
+    D, V, F = config.hidden_size, config.vocab_size, config.intermediate_size
+    E, bias = config.word_embed_proj_dim, config.attention_bias
+    out = {f"{prefix}embed_tokens.weight": (V, E or D),
+           f"{prefix}embed_positions.weight": (config.max_position_embeddings + POSITION_OFFSET, D)}
+    if E:
+        out[f"{prefix}project_in.weight"] = (D, E)
+        out[f"{prefix}project_out.weight"] = (E, D)
+    if config.do_layer_norm_before:
+        out[f"{prefix}final_layer_norm.weight"] = out[f"{prefix}final_layer_norm.bias"] = (D,)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (V, E or D)
+    for i in range(config.num_layers):
+        p = f"{prefix}layers.{i}."
+        for name, shape in [("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (D, D)),
+                            ("self_attn.v_proj", (D, D)), ("self_attn.out_proj", (D, D)),
+                            ("fc1", (F, D)), ("fc2", (D, F))]:
+            out[p + name + ".weight"] = shape
+            if bias:
+                out[p + name + ".bias"] = shape[:1]
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            out[p + norm + ".weight"] = out[p + norm + ".bias"] = (D,)
+    return out
+
+
+def _opt_params(get, config: ModelConfig, dtype: np.dtype, prefix: str):
+    """The OPT param tree (module doc), allocated, and the tasks that fill it."""
+    D, V, F = config.hidden_size, config.vocab_size, config.intermediate_size
+    E, bias = config.word_embed_proj_dim, config.attention_bias
+    P = config.max_position_embeddings + POSITION_OFFSET
+
+    def dense(n_in, n_out, with_bias=bias):
+        out = {"kernel": np.empty((n_in, n_out), dtype)}
+        if with_bias:
+            out["bias"] = np.empty((n_out,), dtype)
+        return out
+
+    def norm():
+        return {"scale": np.empty((D,), dtype), "bias": np.empty((D,), dtype)}
+
+    layers = [{"attn_norm": norm(), "qkv_proj": dense(D, 3 * D), "o_proj": dense(D, D),
+               "mlp_norm": norm(), "fc1": dense(D, F), "fc2": dense(F, D)}
+              for _ in range(config.num_layers)]
+    params: dict[str, Any] = {
+        "embed_tokens": {"embedding": np.empty((V, E or D), dtype)},
+        "embed_positions": {"embedding": np.empty((P, D), dtype)},
+        **{f"layers_{i}": layer for i, layer in enumerate(layers)},
+    }
+    if E:
+        params["project_in"], params["project_out"] = dense(E, D, False), dense(D, E, False)
+    if config.do_layer_norm_before:
+        params["norm"] = norm()
+    if not config.tie_word_embeddings:
+        params["lm_head"] = dense(E or D, V, False)
+
+    def linear(into, name):
+        into["kernel"][...] = get(name + ".weight").T
+        if "bias" in into:
+            into["bias"][...] = get(name + ".bias")
+
+    def layer_norm(into, name):
+        into["scale"][...] = get(name + ".weight")
+        into["bias"][...] = get(name + ".bias")
+
+    def top():
+        params["embed_positions"]["embedding"][...] = get(f"{prefix}embed_positions.weight")
+        if E:
+            linear(params["project_in"], f"{prefix}project_in")
+            linear(params["project_out"], f"{prefix}project_out")
+        if config.do_layer_norm_before:
+            layer_norm(params["norm"], f"{prefix}final_layer_norm")
+
+    def attention(i):
+        p, layer = f"{prefix}layers.{i}.self_attn", layers[i]
+        layer_norm(layer["attn_norm"], p + "_layer_norm")
+        qkv = layer["qkv_proj"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            qkv["kernel"][:, j * D:(j + 1) * D] = get(f"{p}.{name}.weight").T
+            if bias:
+                qkv["bias"][j * D:(j + 1) * D] = get(f"{p}.{name}.bias")
+        linear(layer["o_proj"], p + ".out_proj")
+
+    def mlp(i):
+        p, layer = f"{prefix}layers.{i}.", layers[i]
+        layer_norm(layer["mlp_norm"], p + "final_layer_norm")
+        linear(layer["fc1"], p + "fc1")
+        linear(layer["fc2"], p + "fc2")
+
+    tasks = _embedding_tasks(get, params, config, prefix)
+    tasks.append(top)
+    for i in range(config.num_layers):
+        tasks.append(functools.partial(attention, i))
+        tasks.append(functools.partial(mlp, i))
+    return params, tasks
 
 
 def _run_tasks(tasks: list[Callable[[], None]], desc: str) -> None:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from .llama import LlamaForCausalLM
+from .opt import OPTForCausalLM
 
 MODEL_REGISTRY = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "opt": OPTForCausalLM,
 }
 SUPPORTED_MODEL_TYPES = tuple(MODEL_REGISTRY)
 

@@ -40,6 +40,7 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
         warmup_s = llm.warmup(use_tqdm=not quiet)
     warmup_compilations = llm.num_compilations() - compilations_start
 
+    llm.stats.record_memory = True  # the pool's breakdown per step (kv_memory_shares)
     llm.stats.reset()
     preemptions_before = llm.scheduler.num_preemptions
     compilations_before = llm.num_compilations()
@@ -69,6 +70,12 @@ def run_throughput(llm, workload: list[dict[str, Any]], *, temperature: float = 
         "total_tokens_per_s": (prompt_tokens + output_tokens) / wall_s,
         "kv_utilization_peak": llm.stats.kv_utilization_peak,
         "kv_utilization_mean": llm.stats.kv_utilization_mean,
+        "kv_policy": llm.config.kv_policy,
+        "enable_block_sharing": llm.config.enable_block_sharing,
+        "mean_batch_size": llm.stats.mean_batch_size,
+        # mean share of the pool per step: token_states, reserved, internal_/external_
+        # fragmentation, free (BlockManager.memory_breakdown)
+        "kv_memory_shares": llm.stats.memory_shares(),
         "preemptions": llm.scheduler.num_preemptions - preemptions_before,
         "compilations": llm.num_compilations() - compilations_before,
         "steps": steps,
@@ -103,7 +110,8 @@ def throughput_benchmark(workload_path, model=None, *, num_requests: int | None 
 
     Keys: requests, prompt_tokens, output_tokens, wall_s, output_tokens_per_s,
     total_tokens_per_s, kv_utilization_peak / _mean (tokens stored / slots allocated,
-    per step), preemptions and compilations (during the timed run), load_s, warmup_s,
+    per step), kv_policy, mean_batch_size (sequences per step with decode rows),
+    kv_memory_shares (the pool's mean breakdown per step), preemptions and compilations (during the timed run), load_s, warmup_s,
     model, dtype, max_num_seqs, ...; with the baseline also hf_output_tokens_per_s and
     speedup_vs_hf (jpaged / transformers output tokens/s).
     """
@@ -139,7 +147,8 @@ def format_throughput(result: dict[str, Any]) -> str:
              f"  output tokens/s   {result['output_tokens_per_s']:.1f}",
              f"  total tokens/s    {result['total_tokens_per_s']:.1f}",
              f"  KV utilization    mean {result['kv_utilization_mean']:.3f}, "
-             f"peak {result['kv_utilization_peak']:.3f}",
+             f"peak {result['kv_utilization_peak']:.3f} (kv_policy {result['kv_policy']})",
+             f"  mean batch size   {result['mean_batch_size']:.1f} sequences per decode step",
              f"  preemptions       {result['preemptions']}",
              f"  compilations      {result['compilations']} (timed run; "
              f"{result['warmup_compilations']} in warm-up)",

@@ -15,7 +15,12 @@ the device and this class deals in block ids. It keeps:
 - swapping: a group of sequences moves to host blocks (`SwapSpace`) and back, shared
   blocks staying shared.
 
-How many blocks a sequence gets, and when, is `policy` (`kv_alloc_policy.py`).
+How many blocks a sequence gets, and when, is `policy` (`kv_alloc_policy.py`): on demand
+(`paged`), or the paper's baselines that reserve a sequence's whole space at admission as one
+contiguous run of block ids. With `share_blocks=False` (a benchmark baseline; the reserving
+policies always) a forked sequence still starts on its parent's blocks, but the first write
+by either gives the writer private copies of ALL the blocks they share, not only the one
+written: the memory of a system that copies a sequence's whole cache to fork it.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import collections
 
 from jpaged.utils import cdiv
 
-from .kv_alloc_policy import OnDemandPolicy
+from .kv_alloc_policy import OnDemandPolicy, final_length
 from .prefix_cache import PrefixCache
 from .sequence import Sequence
 from .swap_space import SwapSpace
@@ -31,11 +36,13 @@ from .swap_space import SwapSpace
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 num_host_blocks: int = 0, policy=None):
+                 num_host_blocks: int = 0, policy=None, share_blocks: bool = True):
         assert num_blocks > 0 and block_size > 0 and num_host_blocks >= 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.policy = policy or OnDemandPolicy(block_size)
+        self.share_blocks = share_blocks and not self.policy.reserves
+        enable_prefix_caching = enable_prefix_caching and self.share_blocks
         self.ref_counts = [0] * num_blocks
         self._free = collections.deque(range(num_blocks))  # unreferenced and not cached
         self._total_refs = 0
@@ -68,6 +75,38 @@ class BlockManager:
         """Blocks on the free list (not counting evictable cached ones), for checks."""
         return list(self._free)
 
+    def memory_breakdown(self, seqs, max_model_len: int, waiting: Sequence | None = None) -> dict[str, int]:
+        """Where the pool's slots are now (the paper's Fig. 2), in slots; the values sum to
+        the pool. `seqs`: the sequences holding blocks (the running ones); `waiting`: the
+        next sequence to admit, if any.
+
+        - token_states: slots holding a computed token's K/V (a shared block counts once);
+        - reserved: allocated slots a sequence will fill before it ends (up to prompt +
+          max_tokens: the benchmarks generate every request in full);
+        - internal_fragmentation: allocated slots no token will ever fill;
+        - external_fragmentation: free slots the next waiting sequence cannot use because
+          they lie in runs of consecutive blocks shorter than its reservation (reserving
+          policies only: on demand, any free block serves);
+        - free: the other free slots (cached blocks nobody holds included)."""
+        bs = self.block_size
+        best: dict[int, tuple[int, int]] = {}  # block -> (token slots, reserved slots)
+        for seq in seqs:
+            computed, final = seq.num_computed_tokens, final_length(seq, max_model_len)
+            for i, block in enumerate(seq.block_table):
+                tok = min(bs, max(0, computed - i * bs))
+                res = min(bs, max(0, final - i * bs)) - tok
+                best[block] = max(best.get(block, (0, 0)), (tok, max(0, res)))
+        tokens = sum(t for t, _ in best.values())
+        reserved = sum(r for _, r in best.values())
+        external = 0
+        if waiting is not None and self.policy.reserves and not waiting.block_table:
+            need = self.num_new_blocks(waiting, waiting.num_tokens)
+            external = bs * sum(n for _, n in self.free_runs() if n < need)
+        return {"token_states": tokens, "reserved": reserved,
+                "internal_fragmentation": self.num_used_blocks * bs - tokens - reserved,
+                "external_fragmentation": external,
+                "free": self.num_free_blocks * bs - external}
+
     # ---- raw block operations ---------------------------------------------------------------
 
     def _alloc(self) -> int:
@@ -81,6 +120,36 @@ class BlockManager:
         self.ref_counts[block] = 1
         self._total_refs += 1
         return block
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """(first block, length) of each run of consecutive block ids on the free list."""
+        free = sorted(self._free)
+        runs, start = [], None
+        for i, block in enumerate(free):
+            if start is None or block != free[i - 1] + 1:
+                if start is not None:
+                    runs.append((start, free[i - 1] - start + 1))
+                start = block
+        if start is not None:
+            runs.append((start, free[-1] - start + 1))
+        return runs
+
+    def largest_free_run(self) -> int:
+        return max((n for _, n in self.free_runs()), default=0)
+
+    def _alloc_run(self, n: int) -> list[int]:
+        """`n` consecutive block ids from the free list, the first run that fits (first fit)."""
+        start = next((b for b, length in self.free_runs() if length >= n), None)
+        if start is None:
+            raise RuntimeError(f"out of KV blocks: no {n} contiguous free blocks "
+                               f"(largest run {self.largest_free_run()})")
+        run = range(start, start + n)
+        taken = set(run)
+        self._free = collections.deque(b for b in self._free if b not in taken)
+        for block in run:
+            self.ref_counts[block] = 1
+        self._total_refs += n
+        return list(run)
 
     def _incref(self, block: int) -> None:
         if self.ref_counts[block] == 0:  # a cached block nobody held: no longer evictable
@@ -107,11 +176,22 @@ class BlockManager:
         """Blocks `seq` must gain so that its table covers `num_tokens` tokens."""
         return max(0, self.policy.target_blocks(seq, num_tokens) - len(seq.block_table))
 
+    def can_reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the blocks `seq` (none yet) takes for `num_tokens` tokens are free: under a
+        reserving policy, its whole reservation as one run of consecutive free blocks."""
+        need = self.num_new_blocks(seq, num_tokens)
+        if self.policy.reserves and not seq.block_table:
+            return need <= self.largest_free_run()
+        return need <= self.num_free_blocks
+
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Add blocks (as the policy says) until `num_tokens` tokens fit."""
         need = self.num_new_blocks(seq, num_tokens)
         if need > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free_blocks} free")
+        if self.policy.reserves and not seq.block_table and need:
+            seq.block_table.extend(self._alloc_run(need))
+            return
         for _ in range(need):
             seq.block_table.append(self._alloc())
 
@@ -123,9 +203,16 @@ class BlockManager:
         first = seq.num_computed_tokens // self.block_size
         return range(first, min(len(seq.block_table), self.blocks_for(num_tokens)))
 
+    def _copied_blocks(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Indices of `seq`'s blocks that get a private copy before the step: the shared
+        blocks it writes; without sharing, every block it shares as soon as it writes."""
+        table, refs = seq.block_table, self.ref_counts
+        if not self.share_blocks and num_tokens > seq.num_computed_tokens:
+            return [i for i in range(len(table)) if refs[table[i]] > 1]
+        return [i for i in self._written_blocks(seq, num_tokens) if refs[table[i]] > 1]
+
     def cow_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return sum(1 for i in self._written_blocks(seq, num_tokens)
-                   if self.ref_counts[seq.block_table[i]] > 1)
+        return len(self._copied_blocks(seq, num_tokens))
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Free blocks `append(seq, num_tokens)` takes: growth plus copy-on-write copies."""
@@ -143,13 +230,14 @@ class BlockManager:
             raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free_blocks} free")
         copies = []
         for i in self._written_blocks(seq, num_tokens):
+            assert self.prefix_cache.key_of(seq.block_table[i]) is None, \
+                "a step must never write into a cached full block"
+        for i in self._copied_blocks(seq, num_tokens):
             src = seq.block_table[i]
-            assert self.prefix_cache.key_of(src) is None, "a step must never write into a cached full block"
-            if self.ref_counts[src] > 1:
-                dst = self._alloc()
-                self._decref(src)
-                seq.block_table[i] = dst
-                copies.append((src, dst))
+            dst = self._alloc()
+            self._decref(src)
+            seq.block_table[i] = dst
+            copies.append((src, dst))
         self.grow(seq, num_tokens)
         return copies
 

@@ -127,7 +127,7 @@ class Scheduler:
         preemptions = self.num_preemptions
         decode = self._schedule_decode(ops)
         num_decode = decode.num_tokens if decode else 0
-        admit = not self.swapped and self.num_preemptions == preemptions
+        admit = not self.swapped and self.num_preemptions == preemptions and self._batch_open()
         budget = max(0, self.config.max_num_batched_tokens - num_decode)
         queued = sum(s.num_uncomputed_tokens for s in self.waiting)  # prompt tokens not admitted
         if num_decode:  # the decode rows wait for the whole step: keep it short (at least
@@ -149,6 +149,22 @@ class Scheduler:
         batch.blocks_to_swap_out = ops.blocks_to_swap_out
         batch.blocks_to_copy = ops.blocks_to_copy
         return batch
+
+    def _batch_open(self) -> bool:
+        """Whether new sequences may join the running ones. Static batching (`kv_policy=
+        'static'`, FasterTransformer's): only while none of the batch has sampled a token yet
+        (its prompts are still being prefilled), so a batch runs until its longest request
+        ends before the next is admitted."""
+        if not self.block_manager.policy.static_batches:
+            return True
+        return all(s.num_output_tokens == 0 and s.num_uncomputed_tokens for s in self.running)
+
+    def next_to_admit(self) -> Sequence | None:
+        """The waiting sequence admitted next, if any (the memory breakdown's external
+        fragmentation is the free space that sequence cannot use)."""
+        if not self.waiting:
+            return None
+        return self._admission_order()[0]
 
     def _partial(self) -> list[Sequence]:
         """Running sequences whose prompt is still being prefilled; one whose samples fork with
@@ -226,19 +242,24 @@ class Scheduler:
             is_new = seq.status is SequenceStatus.WAITING
             if is_new and len(self.running) + self._group_size(seq) > self.config.max_num_seqs:
                 break
-            hits = bm.match_prefix(seq) if is_new else []
-            free = bm.num_free_blocks - bm.num_evictable(hits) - (self.watermark_blocks if is_new else 0)
-            if hits:
-                computed, table = len(hits) * bs, len(hits)
+            if bm.policy.reserves:  # the whole reservation at admission, nothing after
+                if is_new and not bm.can_reserve(seq, seq.num_tokens):
+                    break
+                chunk = min(seq.num_uncomputed_tokens, budget)
             else:
-                computed, table = seq.num_computed_tokens, len(seq.block_table)
-                free -= bm.cow_blocks_needed(seq, computed + 1)
-            room = free * bs + table * bs - computed
-            chunk = min(seq.num_tokens - computed, budget, room)
+                hits = bm.match_prefix(seq) if is_new else []
+                free = bm.num_free_blocks - bm.num_evictable(hits) - (self.watermark_blocks if is_new else 0)
+                if hits:
+                    computed, table = len(hits) * bs, len(hits)
+                else:
+                    computed, table = seq.num_computed_tokens, len(seq.block_table)
+                    free -= bm.cow_blocks_needed(seq, computed + 1)
+                room = free * bs + table * bs - computed
+                chunk = min(seq.num_tokens - computed, budget, room)
+                if chunk > 0 and is_new and not seq.block_table:
+                    bm.take_prefix(seq, hits)
             if chunk <= 0:
                 break
-            if is_new and not seq.block_table:
-                bm.take_prefix(seq, hits)
             ops.blocks_to_copy += bm.append(seq, seq.num_computed_tokens + chunk)
             if is_new:
                 self.waiting.remove(seq)

@@ -22,6 +22,7 @@ import numpy as np
 
 from jpaged.config import EngineConfig
 from jpaged.core.block_manager import BlockManager
+from jpaged.core.kv_alloc_policy import make_policy
 from jpaged.core.scheduler import Scheduler
 from jpaged.core.scheduler_output import SchedulerOutput
 from jpaged.core.sequence import Request, Sequence
@@ -135,8 +136,10 @@ class EngineCore:
         self.generation_config = loaded.generation_config or dict(DEFAULT_GENERATION_CONFIG)
         self.eos_token_ids = eos = set(self.runner.eos_token_ids)
         self.max_model_len = kv.max_model_len
-        self.block_manager = BlockManager(kv.num_blocks, config.block_size,
-                                          config.enable_prefix_caching, kv.num_host_blocks)
+        self.block_manager = BlockManager(
+            kv.num_blocks, config.block_size, config.enable_prefix_caching, kv.num_host_blocks,
+            policy=make_policy(config.kv_policy, config.block_size, kv.max_model_len),
+            share_blocks=config.enable_block_sharing)
         self.scheduler = Scheduler(config, self.block_manager, self.runner.cut_buckets(),
                                    padding_is_free=self.runner.padding_is_free)
         self.input_processor = InputProcessor(self.tokenizer, loaded.config.vocab_size, kv.max_model_len)
@@ -259,7 +262,12 @@ class EngineCore:
             self.stats.output_tokens += request.beam.advance(self)
             if request.beam.done:
                 del self.requests[request_id]
-        self.stats.record_step(self.kv_cache_stats()["utilization"])
+        num_decode = batch.num_decode if batch.is_prefill else len(batch.seqs)
+        self.stats.record_step(self.kv_cache_stats()["utilization"], num_decode)
+        if self.stats.record_memory:
+            sched = self.scheduler
+            self.stats.record_memory_breakdown(self.block_manager.memory_breakdown(
+                sched.running, self.max_model_len, sched.next_to_admit()))
         for request in touched.values():
             for seq in request.seqs:
                 if seq.finished and seq.block_table:

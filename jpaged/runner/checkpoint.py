@@ -107,6 +107,9 @@ def convert(model, out_dir, dtype: str = "float32") -> pathlib.Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; pick a new OUT_DIR")
     config = loader.load_config(src)
+    if config.model_type == "opt":  # the stored layout is the Llama layer's (q/k/v, gate/up/down)
+        raise ValueError(f"jpaged convert takes Llama-architecture models; {src} is OPT, which "
+                         "loads from its HF folder directly")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep other users from loading the model

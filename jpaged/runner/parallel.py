@@ -90,7 +90,8 @@ def regroup_params(params: dict, config: ModelConfig, run: ModelConfig, size: in
 # Which axis of a (layer's) param is split: kernels of the column-split layers by columns
 # (and their biases), of the row-split layers by rows; everything else is replicated.
 _SPLIT = {("qkv_proj", "kernel"): -1, ("qkv_proj", "bias"): -1, ("gate_up_proj", "kernel"): -1,
-          ("o_proj", "kernel"): -2, ("down_proj", "kernel"): -2}
+          ("o_proj", "kernel"): -2, ("down_proj", "kernel"): -2,
+          ("fc1", "kernel"): -1, ("fc1", "bias"): -1, ("fc2", "kernel"): -2}  # OPT's MLP
 
 
 def param_shardings(params: dict, mesh: Mesh) -> dict:

@@ -4,8 +4,9 @@
 Compiles the engine's whole jitted decode step (embed -> the layers, with the
 Pallas kernels reading/writing the paged pool -> logits -> greedy sampling)
 deviceless for each GPU, for SmolLM2-135M (the default model) and a
-Llama-2-7B-shaped config, bfloat16, every sequence at `--context` tokens, and
-prints a Markdown table:
+Llama-2-7B-shaped config, bfloat16 (or, with `--model opt-13b`, OPT-13B in
+float16 on one A100, the vLLM paper's setting), every sequence at `--context`
+tokens, and prints a Markdown table:
 
   GFLOP, GB     FLOPs and HBM bytes of one step (all layers, sampling included)
   floor         max(FLOPs / peak, bytes / bandwidth); A100-SXM4-80GB: 312 TFLOP/s
@@ -31,6 +32,7 @@ Needs the CUDA plugin (`pip install "jax[cuda12-local]==0.10.2"`) and runs
 with JAX_PLATFORMS=cpu (set here). Run:
   python scripts/gpu/roofline.py                      # the README table
   python scripts/gpu/roofline.py --batch 1 64 --context 2048 --gpu h100
+  python scripts/gpu/roofline.py --model opt-13b --gpu a100 --context 1024
 """
 from __future__ import annotations
 
@@ -43,12 +45,28 @@ import sys
 import tempfile
 import time
 
+# facebook/opt-13b's config.json (the paper's one-GPU model), served in float16 as there.
+OPT_13B = dict(model_type="opt", vocab_size=50272, hidden_size=5120, ffn_dim=20480,
+               num_hidden_layers=40, num_attention_heads=40, max_position_embeddings=2048,
+               do_layer_norm_before=True, word_embed_proj_dim=5120, enable_bias=True,
+               activation_function="relu", bos_token_id=2, eos_token_id=2, torch_dtype="float16")
+
+
+def model_config(name: str):
+    """(ModelConfig, weight and KV dtype) of a `--model` choice."""
+    import jax.numpy as jnp
+    from jpaged.aot import step
+    from jpaged.models import ModelConfig
+    if name == "opt-13b":
+        return ModelConfig.from_hf_dict(OPT_13B), jnp.float16
+    return step.MODELS[name](), jnp.bfloat16
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", nargs="+", choices=["a100", "h100"], default=["a100", "h100"])
-    p.add_argument("--model", nargs="+", choices=["smollm2-135m", "llama2-7b"],
+    p.add_argument("--model", nargs="+", choices=["smollm2-135m", "llama2-7b", "opt-13b"],
                    default=["smollm2-135m", "llama2-7b"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256],
                    help="sequences decoding together (padded to the engine's bucket, >= 8)")
@@ -66,19 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def row(model_name, gpu, batch, args, dump_dir):
+    import jax.numpy as jnp
     from jpaged.aot import hlo_cost, step
     from jpaged.pallas_kernels.gpus import GPUS
     from jpaged.runner.input_builder import bucket as pad_bucket
     from jpaged.utils import cdiv
 
-    cfg = step.MODELS[model_name]()
+    cfg, dtype = model_config(model_name)
     target = GPUS[gpu]
     # Shapes first (weights' bytes decide the pool's size), then the real compile.
     probe = step.Bucket.decode(8, max_model_len=args.max_model_len, num_blocks=1,
                                block_size=args.block_size)
-    weights = hlo_cost.weight_bytes(step.step_specs(cfg, probe))
+    weights = hlo_cost.weight_bytes(step.step_specs(cfg, probe, param_dtype=dtype, kv_dtype=dtype))
     kv_budget = int(args.kv_memory_fraction * target.memory_bytes) - weights
-    budget_blocks = step.blocks_for_memory(cfg, kv_budget, args.block_size)
+    budget_blocks = step.blocks_for_memory(cfg, kv_budget, args.block_size, dtype)
     B = pad_bucket(batch, 8)
     # The pool holds this batch (and one max_model_len sequence), no more: a pool filling
     # the GPU makes XLA rematerialize (recompute) the logits matmul to fit its temporaries,
@@ -96,9 +115,9 @@ def row(model_name, gpu, batch, args, dump_dir):
     b = step.Bucket.decode(B, max_model_len=args.max_model_len, num_blocks=num_blocks,
                            block_size=args.block_size)
     start = time.perf_counter()
-    compiled = step.compile_step(cfg, b, gpu, dump_to=dump_dir)
+    compiled = step.compile_step(cfg, b, gpu, dump_to=dump_dir, param_dtype=dtype, kv_dtype=dtype)
     compile_s = time.perf_counter() - start
-    cost = hlo_cost.step_cost(compiled, cfg, b, [args.context] * batch, gpu)
+    cost = hlo_cost.step_cost(compiled, cfg, b, [args.context] * batch, gpu, kv_dtype=dtype)
     mem = compiled.memory_analysis()
 
     # The kernel's launch grid as compiled, against the model's.
@@ -121,7 +140,8 @@ def row(model_name, gpu, batch, args, dump_dir):
     ideal_flops = cost["xla_flops"] * batch / B + k["useful_flops"]
     ideal_floor = max(ideal_bytes / target.bandwidth, ideal_flops / target.peak_flops)
     return {
-        "model": model_name, "gpu": gpu, "batch": batch, "bucket": B, "context": args.context,
+        "model": model_name, "dtype": str(jnp.dtype(dtype)), "gpu": gpu, "batch": batch,
+        "bucket": B, "context": args.context,
         "flops": cost["flops"], "bytes": cost["bytes"], "weights_bytes": weights,
         "xla_flops": cost["xla_flops"], "xla_bytes": cost["xla_bytes"],
         "xla_raw": cost["xla_raw"],
@@ -132,7 +152,7 @@ def row(model_name, gpu, batch, args, dump_dir):
         "tokens_per_s": batch / floor,
         "ideal_bytes": ideal_bytes, "ideal_flops": ideal_flops, "ideal_floor_s": ideal_floor,
         "ideal_tokens_per_s": batch / ideal_floor,
-        "temp_bytes": mem.temp_size_in_bytes, "pool_bytes": step.pool_bytes(cfg, b),
+        "temp_bytes": mem.temp_size_in_bytes, "pool_bytes": step.pool_bytes(cfg, b, dtype),
         "fits": blocks_needed <= budget_blocks, "compile_s": compile_s,
     }
 
@@ -172,8 +192,9 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"compiled {model_name} {gpu} batch {batch} in {r['compile_s']:.1f} s",
                       file=sys.stderr, flush=True)
-    print(f"Decode step, every sequence at {args.context} tokens of context, bfloat16 weights "
-          f"and KV, block size {args.block_size}. Estimates from compiled programs (deviceless "
+    dtypes = " / ".join(dict.fromkeys(f"{r['model']}: {r['dtype']}" for r in rows))
+    print(f"Decode step, every sequence at {args.context} tokens of context, weights and KV in "
+          f"{dtypes}, block size {args.block_size}. Estimates from compiled programs (deviceless "
           f"XLA compiles), not measurements.\n")
     print(table(rows))
     if args.json:

@@ -40,3 +40,28 @@ def test_bench_throughput_json(tiny_text_model, tmp_path, capsys):
     assert result["first_pass_s"] > result["load_s"] + result["warmup_s"]
     assert result["speedup_vs_hf"] == pytest.approx(
         result["output_tokens_per_s"] / result["hf_output_tokens_per_s"])
+
+
+def test_bench_throughput_under_a_baseline_policy_reports_batch_size_and_memory(
+        tiny_text_model, tmp_path, capsys):
+    import numpy as np
+    rng = np.random.default_rng(1)
+    workload = [{"prompt_token_ids": rng.integers(100, 49000, n).tolist(), "max_tokens": m}
+                for n, m in [(5, 3), (40, 9), (17, 4), (9, 7)]]
+    path = tmp_path / "workload.json"
+    path.write_text(json.dumps(workload))
+    results = {}
+    for policy in ("paged", "orca-max"):
+        assert main(["bench", "throughput", "--workload", str(path), "--model", tiny_text_model,
+                     *SMALL, "--json", "--kv-policy", policy]) == 0
+        results[policy] = result = json.loads(capsys.readouterr().out)
+        assert result["kv_policy"] == policy
+        assert 1 <= result["mean_batch_size"] <= 4
+        shares = result["kv_memory_shares"]
+        assert set(shares) == {"token_states", "reserved", "internal_fragmentation",
+                               "external_fragmentation", "free"}
+        assert sum(shares.values()) == pytest.approx(1.0)
+    # orca-max reserves 128 tokens (max_model_len) per request: 8 blocks where paged takes 1-4
+    assert results["orca-max"]["kv_memory_shares"]["internal_fragmentation"] > \
+        4 * results["paged"]["kv_memory_shares"]["internal_fragmentation"]
+    assert results["orca-max"]["kv_utilization_mean"] < results["paged"]["kv_utilization_mean"]
