@@ -86,9 +86,10 @@ def fig18(res18a: dict | None, res18b: dict | None, path: pathlib.Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     if res18a:
-        points = [p for p in res18a.get("points", []) if "ratio" in p]
-        for key in sorted({(p["dtype"], p["batch"]) for p in points}):
-            sel = sorted((p["context"], p["ratio"]) for p in points if (p["dtype"], p["batch"]) == key)
+        points = [p for p in res18a.get("points", []) if p.get("block_size") == 16]
+        for key in sorted({(p["dtype"], p["batch_size"]) for p in points}):
+            sel = sorted((p["context_len"], p["paged_over_contiguous"]) for p in points
+                         if (p["dtype"], p["batch_size"]) == key)
             axes[0].plot([c for c, _ in sel], [r for _, r in sel], "o-", label=f"{key[0]}, batch {key[1]}")
         axes[0].axhline(1.0, color="k", lw=0.7)
         axes[0].set_xscale("log", base=2)

@@ -48,10 +48,10 @@ SCALES = {
                  block_size_workloads=("sharegpt", "alpaca"), widths=(2, 4, 6), sharing_requests=32,
                  engine=dict(max_num_seqs=128), attention="", swap_tokens=1024),
     # The full run's figures at about a third of its points and half its requests (~1.5 h).
-    "medium": dict(requests={"sharegpt": 32, "alpaca": 96}, fractions=(0.5, 1.0, 1.5),
+    "medium": dict(requests={"sharegpt": 32, "alpaca": 96}, fractions=(0.5, 1.5),
                    block_sizes=(4, 16, 64, 256), swap_block_sizes=(16, 64, 256),
                    block_size_workloads=("sharegpt",), widths=(2, 4), sharing_requests=16,
-                   engine=dict(max_num_seqs=128), attention="--quick", swap_tokens=1024),
+                   engine=dict(max_num_seqs=128), attention="", swap_tokens=1024),
     # Every new pool shape compiles the step's executables again: few shapes, small steps.
     "quick": dict(requests={"sharegpt": 6, "alpaca": 12}, fractions=(0.5, 1.0),
                   block_sizes=(16, 32), swap_block_sizes=(16,), block_size_workloads=("sharegpt",),

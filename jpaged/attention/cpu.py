@@ -36,8 +36,9 @@ HEAD_DIMS = (16, 32, 64, 96, 128, 256)  # the kernel's instantiations
 
 
 def supported(block_size: int, head_dim: int) -> bool:
-    """Shapes the kernel handles: 16-token pages (one vector of keys) and these head dims."""
-    return block_size == 16 and head_dim in HEAD_DIMS
+    """Shapes the kernel handles: these head dims and every power-of-two block size (it
+    reads keys 16 at a time: a part of a larger block, or 16 / block_size smaller ones)."""
+    return block_size >= 1 and (block_size & (block_size - 1)) == 0 and head_dim in HEAD_DIMS
 
 
 def build(path: Path) -> None:

@@ -12,7 +12,7 @@ from . import chat, convert, generate, serve, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jpaged.benchmarks import memory, serving, step, throughput
+    from jpaged.benchmarks import attention, memory, serving, step, throughput
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="jpaged", description="jpaged: an LLM serving engine in JAX with PagedAttention.")
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("throughput", throughput, "offline throughput on a workload"),
             ("serving", serving, "serving latency and throughput against a server"),
             ("memory", memory, "KV blocks saved by sharing (the paper's section 6.3)"),
-            ("step", step, "decode step time next to this machine's floors")]:
+            ("step", step, "decode step time next to this machine's floors"),
+            ("attention", attention, "paged against contiguous decode attention (Fig. 18a)")]:
         p = bench_sub.add_parser(name, help=help_text, description=module.DESCRIPTION,
                                  formatter_class=fmt)
         module.add_cli_args(p)

@@ -88,16 +88,17 @@ def test_write_drops_padding_slots():
     ([70, 7, 130, 33, 64, 1, 90], [0, 0, 20, 5, 0, 300, 17]),  # 17 tiles: two groups of 16
     ([1, 1, 1, 1, 1, 1, 1, 1, 1], [3, 80, 0, 17, 200, 64, 5, 9, 31]),  # a decode batch
 ])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_on_input_builder_tiles_matches_reference(backend, new, cached):
+@pytest.mark.parametrize("backend,bs,D", [("xla", 4, 8), ("cpu", 16, 32), ("cpu", 2, 32), ("cpu", 128, 32)])
+def test_backend_on_input_builder_tiles_matches_reference(backend, bs, D, new, cached):
     """The real input builder's layout (prefill tiles sorted by reach, tile groups, 64 keys
-    per iteration over 4-token pages; decode rows) against the per-token reference."""
+    per iteration over 4-token pages; decode rows) against the per-token reference; the
+    kernel on blocks it reads in place and on blocks it gathers."""
     from jpaged.runner.input_builder import InputBuilder
     from jpaged.core.scheduler_output import SchedulerOutput
     from jpaged.core.sequence import Sequence
     rng = np.random.default_rng(3)
-    be, KV, G, num_blocks = get_backend(backend), 2, 3, 256
-    bs, D = (16, 32) if backend == "cpu" else (4, 8)  # the kernel's shapes; xla: small pages
+    be, KV, G = get_backend(backend), 2, 3
+    num_blocks = 4096 // bs  # token slots for every sequence, whatever the block size
     free = list(rng.permutation(num_blocks))
     seqs = []
     for n, c in zip(new, cached):
@@ -135,24 +136,62 @@ def test_cpu_kernel_matches_reference(G, D, q_lens, ctx_lens):
     layers of the pool, float32 and bfloat16 pools; padding tokens get zeros."""
     rng = np.random.default_rng(G * D)
     q, k, v, meta, n = _case(rng, q_lens, ctx_lens, block_size=16, KV=2, G=G, D=D, num_blocks=96)
-    be = get_backend("cpu")
-    assert _uses_kernel(be, q, k, v, 0, meta, 0.1)
+    _check_kernel(q, k, v, meta, n, float32_layers=(0, 1), bfloat16_layer=1)
+
+
+def _check_kernel(q, k, v, meta, n, float32_layers, bfloat16_layer):
+    """The jitted cpu backend takes the kernel and matches the reference: the pools as given
+    in `float32_layers` (padding tokens get zeros), cast to bfloat16 in `bfloat16_layer`."""
+    be, scale = get_backend("cpu"), q.shape[-1] ** -0.5
+    assert _uses_kernel(be, q, k, v, 0, meta, scale)
     attend = jax.jit(be.attend, static_argnums=(3, 5))
-    for layer in (0, 1):
-        ref = ReferenceBackend().attend(q, k, v, layer, meta, D ** -0.5)
-        got = np.asarray(attend(q, k, v, layer, meta, D ** -0.5))
+    for layer in float32_layers:
+        ref = ReferenceBackend().attend(q, k, v, layer, meta, scale)
+        got = np.asarray(attend(q, k, v, layer, meta, scale))
         np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
         assert not got[n:].any()
     kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-    ref = ReferenceBackend().attend(q, kb, vb, 1, meta, D ** -0.5)
-    np.testing.assert_allclose(np.asarray(attend(q, kb, vb, 1, meta, D ** -0.5))[:n],
+    ref = ReferenceBackend().attend(q, kb, vb, bfloat16_layer, meta, scale)
+    np.testing.assert_allclose(np.asarray(attend(q, kb, vb, bfloat16_layer, meta, scale))[:n],
                                np.asarray(ref)[:n], rtol=1e-4, atol=1e-4)
 
 
+BLOCK_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("G,D", [(3, 64), (2, 16), pytest.param(1, 32, marks=pytest.mark.slow),
+                                 pytest.param(4, 128, marks=pytest.mark.slow)])
+def test_cpu_kernel_block_sizes_match_reference(block_size, G, D):
+    """Every power-of-two block size (read in place from 16 tokens up, gathered below): decode
+    and prefill rows whose contexts end just before, at and after block and 16-key chunk
+    boundaries, float32 and bfloat16 pools, against the per-token reference."""
+    rng = np.random.default_rng(block_size * 1000 + G * D)
+    bs = block_size
+    ctx = sorted({c for c in (1, bs - 1, bs, bs + 1, 2 * bs + 3, 15, 16, 17, 33, 130) if c > 0})
+    q_lens = [1] * len(ctx) + [min(c, 11) for c in ctx[-3:]]  # decode rows, then prefill tiles
+    ctx_lens = ctx + ctx[-3:]
+    num_blocks = sum(-(-c // bs) for c in ctx_lens) + 8
+    q, k, v, meta, n = _case(rng, q_lens, ctx_lens, block_size=bs, KV=2, G=G, D=D, num_blocks=num_blocks)
+    _check_kernel(q, k, v, meta, n, float32_layers=(1,), bfloat16_layer=0)
+
+
+def test_cpu_kernel_rejects_other_block_sizes():
+    """The kernel itself checks its shapes (the backend never sends it these)."""
+    rng = np.random.default_rng(6)
+    q, k, v, meta, n = _case(rng, [1], [20], block_size=24, D=64)
+    with pytest.raises(Exception, match="power-of-two block_size"):
+        cpu_attention.paged_attention(q, k, v, 0, meta.block_tables, meta.context_lens,
+                                      meta.query_start_loc, 0.1).block_until_ready()
+
+
 def test_cpu_backend_other_shapes_take_the_xla_path():
-    """8-token pages: not the kernel's shape; same pool, the jnp path."""
+    """head_dim 8 (and blocks of other than a power of two tokens): not the kernel's
+    shapes; same pool, the jnp path."""
+    assert [b for b in range(300) if cpu_attention.supported(b, 64)] == BLOCK_SIZES
+    assert not cpu_attention.supported(16, 8)
     rng = np.random.default_rng(5)
-    q, k, v, meta, n = _case(rng, [1, 6], [20, 6], block_size=8, D=64)
+    q, k, v, meta, n = _case(rng, [1, 6], [20, 6], block_size=16, D=8)
     be = get_backend("cpu")
     assert not _uses_kernel(be, q, k, v, 0, meta, 0.1)
     np.testing.assert_allclose(np.asarray(be.attend(q, k, v, 0, meta, 0.1))[:n],
@@ -213,19 +252,22 @@ def test_backend_ignores_stale_slots(backend):
     np.testing.assert_allclose(got[:n], np.asarray(ref)[:n], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("block_size", [1, 16, 256])
 @pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.bfloat16])
-def test_cpu_write_matches_xla_scatter(pool_dtype, kv_dtype):
+def test_cpu_write_matches_xla_scatter(pool_dtype, kv_dtype, block_size):
     """The C++ write stores exactly what XLA's scatter stores (bfloat16: rounded to nearest
     even, NaN kept), in both layers, dropping padding (-1) and out-of-pool slots."""
     rng = np.random.default_rng(11)
-    shape = XlaBackend().pool_shape(2, 10, 16, 2, 32)
+    num_blocks = max(10, 160 // block_size)  # at least 160 slots: the slots below fit
+    shape = XlaBackend().pool_shape(2, num_blocks, block_size, 2, 32)
     k_pool = jnp.asarray(rng.standard_normal(shape), pool_dtype)
     v_pool = jnp.asarray(rng.standard_normal(shape), pool_dtype)
     k = rng.standard_normal((7, 2, 32)).astype(np.float32)
     k[0, 0, :3] = [np.nan, np.inf, 1 + 2 ** -8]  # a NaN, an infinity, a tie to round to even
     k, v = jnp.asarray(k, kv_dtype), jnp.asarray(rng.standard_normal((7, 2, 32)), kv_dtype)
-    slots = jnp.asarray([0, 5, -1, 159, 160, 17, 33], jnp.int32)
+    total = num_blocks * block_size
+    slots = jnp.asarray([0, 5, -1, total - 1, total, 17, 33], jnp.int32)
     write = jax.jit(cpu_attention.write_kv)
     for layer in (0, 1):
         want = XlaBackend().write(k_pool, v_pool, layer, k, v, slots)
@@ -257,8 +299,10 @@ def test_cpu_write_is_in_place_when_donated(dtype):
     ("cpu", jnp.bfloat16, 64, jnp.bfloat16), ("cpu", jnp.float32, 64, jnp.float32),
     ("cpu", jnp.float16, 64, jnp.float32), ("xla", jnp.bfloat16, 64, jnp.float32),
     ("cpu", jnp.bfloat16, 8, jnp.float32)])  # not the kernel's shape: the xla path's pool
+@pytest.mark.parametrize("block_size", [1, 16, 256])
 def test_pool_dtype_follows_what_the_backend_reads_and_writes_in_place(backend, param_dtype,
-                                                                        head_dim, pool_dtype):
+                                                                        head_dim, pool_dtype,
+                                                                        block_size):
     """Where XLA's own ops touch a bfloat16 pool (the `xla` backend, shapes the kernel does
     not take), they copy it through float32 every step: such pools stay float32."""
-    assert get_backend(backend).pool_dtype(param_dtype, 16, head_dim) == pool_dtype
+    assert get_backend(backend).pool_dtype(param_dtype, block_size, head_dim) == pool_dtype

@@ -7,8 +7,12 @@
 // page loop's small fusions one after another; here each page is read once, straight from
 // the pool, by the queries (and the GQA group of heads) that need it.
 //
-// Shapes: block_size 16 (a page's keys are one row of 16 floats) and head_dim 16, 32, 64,
-// 96, 128 or 256; `supported()` in cpu_attention.py sends other shapes to the `xla` backend.
+// Keys are read 16 at a time (a chunk: one vector row of 16 keys per head_dim step, the unit
+// of page_tile), so any power-of-two block size works: a 16-token block is one chunk and a
+// larger one several, read in place (K's rows block_size apart); blocks of 1-8 tokens are
+// copied, 16 / block_size of them, into one chunk in the thread's scratch (what tiny blocks
+// cost). head_dim 16, 32, 64, 96, 128 or 256; `supported()` in cpu.py sends other shapes to
+// the `xla` backend.
 // Work items are (sequence, tile of queries, KV heads), shared out over XLA's intra-op
 // threads by parallel_for (jpaged/ops/csrc/parallel.h).
 //
@@ -21,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -32,9 +37,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kTileQueries = 8;  // queries of one sequence per work item
-// How far ahead pages are prefetched. On a Zen 3 (AVX2) 0 to 8 pages measured the same within
-// noise: decode attention there reads ~9 GB/s either way.
-constexpr int64_t kPrefetchPages = 2;
+constexpr int64_t kChunk = 16;    // keys per page_tile
+// How far ahead chunks are prefetched. On a Zen 3 (AVX2) 0 to 8 16-token pages measured the
+// same within noise: decode attention there reads ~9 GB/s either way.
+constexpr int64_t kPrefetchChunks = 2;
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -72,13 +78,18 @@ struct Item {
 };
 
 // One thread's working set; row r = (query r / G, member r % G of the KV head's group).
+// k, v: one chunk of one KV head gathered from blocks smaller than a chunk (bytes enough for
+// float32; bfloat16 uses half).
 struct Scratch {
-  std::vector<float> q, acc, m, l;
+  std::vector<float> q, acc, m, l, k, v;
   std::vector<int64_t> visible;
   void reserve(int64_t rows, int64_t D) {
     if (static_cast<int64_t>(m.size()) < rows) {
       q.resize(rows * D); acc.resize(rows * D); m.resize(rows); l.resize(rows); visible.resize(rows);
     }
+  }
+  void reserve_chunk(int64_t D) {  // only blocks under 16 keys need it: a call allocates anew
+    if (static_cast<int64_t>(k.size()) < kChunk * D) { k.resize(kChunk * D); v.resize(kChunk * D); }
   }
 };
 
@@ -86,7 +97,7 @@ inline void prefetch(const char* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
-constexpr int KVEC = 16 / VW;  // vectors per page row of 16 keys
+constexpr int KVEC = kChunk / VW;  // vectors per chunk row of 16 keys
 
 // exp for x <= 0 (scores minus their running max): 2^n * p(r), |r| <= ln2/2, n rounded
 // with the 1.5 * 2^23 trick (std::nearbyint would keep it scalar). Everything here is on the
@@ -123,26 +134,28 @@ inline float hsum(vf x) {
 
 inline float exp_scalar(float x) { return expv(vf{} + x)[0]; }  // exp(-inf) = 0
 
-// Rows r0 .. r0 + R (R <= 4) of one head over one page: scores, online softmax, values.
-// q, acc: [rows, D] float32; k: [D, 16] and v: [16, D] of element type T (float or
-// bfloat16 bits); visible[r]: keys of the page row r sees. Scores keep 8 independent FMA
-// chains (rows x key vectors, x 2 over d with AVX-512); values run over D in chunks of two
-// vectors so the accumulators stay in registers.
+// Rows r0 .. r0 + R (R <= 4) of one head over one chunk: scores, online softmax, values.
+// q, acc: [rows, D] float32; k: [D, 16] with rows ks apart and v: [16, D] of element type T
+// (float or bfloat16 bits); visible[r]: keys of the chunk row r sees. Scores keep 8
+// independent FMA chains (rows x key vectors, x 2 over d with AVX-512); values run over D in
+// chunks of two vectors so the accumulators stay in registers. Always inlined: GCC outlined
+// the decode path's page_tile<3> once attend_item held two chunk loops (2-4% slower).
 template <int R, int D, typename T>
-inline void page_tile(const float* q, const T* k, const T* v, const int64_t* visible,
-                      float* m, float* l, float* acc) {
+__attribute__((always_inline)) inline void page_tile(const float* q, const T* k, int64_t ks,
+                                                     const T* v, const int64_t* visible,
+                                                     float* m, float* l, float* acc) {
   constexpr int CH = KVEC == 1 ? 2 : 1;
   vf s[R][KVEC][CH] = {};
   for (int d = 0; d < D; d += CH)
     for (int c = 0; c < CH; ++c) {
       vf kj[KVEC];
-      for (int j = 0; j < KVEC; ++j) kj[j] = loadv(k + (d + c) * 16 + j * VW);
+      for (int j = 0; j < KVEC; ++j) kj[j] = loadv(k + (d + c) * ks + j * VW);
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < KVEC; ++j) s[r][j][c] += q[r * D + d + c] * kj[j];
     }
   vf lane;
   for (int i = 0; i < VW; ++i) lane[i] = static_cast<float>(i);
-  alignas(64) float e[R][16];
+  alignas(64) float e[R][kChunk];
   float correction[R];
   for (int r = 0; r < R; ++r) {
     vf sr[KVEC], seen[KVEC];
@@ -165,7 +178,7 @@ inline void page_tile(const float* q, const T* k, const T* v, const int64_t* vis
     l[r] = l[r] * correction[r] + hsum(total);
     m[r] = mx;
   }
-  // Only keys some row sees: the rest of a page may hold stale values (even NaN) that a
+  // Only keys some row sees: the rest of a chunk may hold stale values (even NaN) that a
   // zero weight would not cancel.
   int64_t keys = 0;
   for (int r = 0; r < R; ++r) keys = std::max(keys, visible[r]);
@@ -186,11 +199,24 @@ inline void page_tile(const float* q, const T* k, const T* v, const int64_t* vis
   }
 }
 
+// n blocks of BS < 16 keys (at element offsets `blocks` in the pools, one KV head) side by
+// side as one chunk: k [D, 16], v [16, D]. Out of line: the hot loops stay small.
+template <int BS, int D, typename T>
+__attribute__((noinline)) void gather_chunk(const T* k_pool, const T* v_pool, const int64_t* blocks,
+                                            int64_t n, T* k, T* v) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* src = k_pool + blocks[i];
+    for (int d = 0; d < D; ++d)
+      for (int t = 0; t < BS; ++t) k[d * kChunk + i * BS + t] = src[d * BS + t];
+    std::memcpy(v + i * BS * D, v_pool + blocks[i], sizeof(T) * BS * D);
+  }
+}
+
 template <int D, typename T>
 void attend_item(const Problem& p, const Item& it, Scratch& sc) {
-  constexpr int64_t bs = 16;
+  const int64_t bs = p.block_size, bs_log2 = __builtin_ctzll(bs);  // a power of two
   // Row r of head h: query r / G, member r % G; heads of the item lie side by side in the
-  // scratch (hr = h - head0) so one page of the sequence is read for all of them at once:
+  // scratch (hr = h - head0) so one chunk of the sequence is read for all of them at once:
   // a block's KV heads are contiguous in the pool, one sequential read instead of several.
   const int64_t G = p.heads / p.kv_heads, rows = it.count * G, nh = it.head1 - it.head0;
   sc.reserve(nh * rows, D);
@@ -199,10 +225,15 @@ void attend_item(const Problem& p, const Item& it, Scratch& sc) {
   float* m = sc.m.data();
   float* l = sc.l.data();
   int64_t* visible = sc.visible.data();
+  if (bs < kChunk) sc.reserve_chunk(D);
+  T* k_chunk = reinterpret_cast<T*>(sc.k.data());
+  T* v_chunk = reinterpret_cast<T*>(sc.v.data());
   const int32_t q_start = p.query_start_loc[it.seq];
   const int32_t q_len = p.query_start_loc[it.seq + 1] - q_start;
   const int32_t first_pos = p.context_lens[it.seq] - q_len + it.first;
-  const int64_t pages = (first_pos + it.count - 1) / bs + 1;
+  const int64_t keys_seen = first_pos + it.count;  // by the item's last query
+  const int64_t chunks = (keys_seen - 1) / kChunk + 1;
+  const int64_t pages = (keys_seen - 1) / bs + 1;  // blocks read: no table entry past them
   const int32_t* table = p.block_tables + it.seq * p.max_pages;
   const int64_t page_elems = D * bs, page_bytes = page_elems * sizeof(T);
   const T* k_pool = reinterpret_cast<const T*>(p.k_pool);
@@ -222,35 +253,74 @@ void attend_item(const Problem& p, const Item& it, Scratch& sc) {
   auto page_offset = [&](int64_t page, int64_t h) {  // in elements
     return ((p.layer * p.num_blocks + table[page]) * p.kv_heads + h) * page_elems;
   };
-  auto prefetch_page = [&](int64_t page) {  // K and V of every head of the item
-    prefetch(reinterpret_cast<const char*>(k_pool + page_offset(page, it.head0)), nh * page_bytes);
-    prefetch(reinterpret_cast<const char*>(v_pool + page_offset(page, it.head0)), nh * page_bytes);
-  };
-  for (int64_t page = 1; page < std::min<int64_t>(kPrefetchPages, pages); ++page) prefetch_page(page);
-  for (int64_t page = 0; page < pages; ++page) {
-    // A later page, while this one computes.
-    if (page + kPrefetchPages < pages) prefetch_page(page + kPrefetchPages);
-    // Rows are in query order: the first ones may come before this page and see none of it.
-    int64_t r0 = rows;
-    for (int64_t i = rows - 1; i >= 0; --i) {
-      visible[i] = std::min<int64_t>(bs, first_pos + i / G - page * bs + 1);
-      if (visible[i] > 0) r0 = i;
-    }
-    for (int64_t hr = 0; hr < nh; ++hr) {
-      const T* k = k_pool + page_offset(page, it.head0 + hr);
-      const T* v = v_pool + page_offset(page, it.head0 + hr);
-      const int64_t o = hr * rows;
-      int64_t r = r0;
-      for (; r + 4 <= rows; r += 4)
-        page_tile<4, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D);
-      switch (rows - r) {
-        case 3: page_tile<3, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
-        case 2: page_tile<2, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
-        case 1: page_tile<1, D, T>(q + (o + r) * D, k, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
-        default: break;
+  // Chunk c starts at key c * 16: in block `page` at column `col` (bs >= 16), or it is blocks
+  // page .. page + chunk_pages(page) (bs < 16; none past the last block read).
+  const int64_t pages_per_chunk = std::max<int64_t>(1, kChunk >> bs_log2);
+  auto chunk_pages = [&](int64_t page) { return std::min(pages_per_chunk, pages - page); };
+  // One loop per way of reading a chunk (if constexpr): the 16-token path has no gather in it.
+  auto run = [&](auto in_place_tag) {
+    constexpr bool in_place = decltype(in_place_tag)::value;
+    auto prefetch_chunk = [&](int64_t c) {  // K and V of every head of the item
+      const int64_t page = (c * kChunk) >> bs_log2, col = (c * kChunk) & (bs - 1);
+      if (in_place && bs > kChunk) {  // 16 columns of each K row, 16 rows of V, per head
+        for (int64_t hr = 0; hr < nh; ++hr) {
+          const int64_t base = page_offset(page, it.head0 + hr);
+          for (int64_t d = 0; d < D; ++d)
+            prefetch(reinterpret_cast<const char*>(k_pool + base + d * bs + col), kChunk * sizeof(T));
+          prefetch(reinterpret_cast<const char*>(v_pool + base + col * D), kChunk * D * sizeof(T));
+        }
+        return;
+      }
+      for (int64_t i = 0, n = chunk_pages(page); i < n; ++i) {  // whole blocks, the item's heads in one run
+        prefetch(reinterpret_cast<const char*>(k_pool + page_offset(page + i, it.head0)), nh * page_bytes);
+        prefetch(reinterpret_cast<const char*>(v_pool + page_offset(page + i, it.head0)), nh * page_bytes);
+      }
+    };
+    for (int64_t c = 1; c < std::min<int64_t>(kPrefetchChunks, chunks); ++c) prefetch_chunk(c);
+    for (int64_t c = 0; c < chunks; ++c) {
+      // A later chunk, while this one computes.
+      if (c + kPrefetchChunks < chunks) prefetch_chunk(c + kPrefetchChunks);
+      // Rows are in query order: the first ones may come before this chunk and see none of it.
+      int64_t r0 = rows;
+      for (int64_t i = rows - 1; i >= 0; --i) {
+        visible[i] = std::min<int64_t>(kChunk, first_pos + i / G - c * kChunk + 1);
+        if (visible[i] > 0) r0 = i;
+      }
+      const int64_t page = (c * kChunk) >> bs_log2, col = (c * kChunk) & (bs - 1);
+      for (int64_t hr = 0; hr < nh; ++hr) {
+        const T *k = k_chunk, *v = v_chunk;
+        int64_t ks = kChunk;
+        if constexpr (in_place) {
+          const int64_t base = page_offset(page, it.head0 + hr);
+          k = k_pool + base + col;
+          v = v_pool + base + col * D;
+          ks = bs;
+        } else {
+          int64_t blocks[kChunk];
+          const int64_t n = chunk_pages(page);
+          for (int64_t i = 0; i < n; ++i) blocks[i] = page_offset(page + i, it.head0 + hr);
+          switch (bs) {
+            case 1: gather_chunk<1, D, T>(k_pool, v_pool, blocks, n, k_chunk, v_chunk); break;
+            case 2: gather_chunk<2, D, T>(k_pool, v_pool, blocks, n, k_chunk, v_chunk); break;
+            case 4: gather_chunk<4, D, T>(k_pool, v_pool, blocks, n, k_chunk, v_chunk); break;
+            default: gather_chunk<8, D, T>(k_pool, v_pool, blocks, n, k_chunk, v_chunk); break;
+          }
+        }
+        const int64_t o = hr * rows;
+        int64_t r = r0;
+        for (; r + 4 <= rows; r += 4)
+          page_tile<4, D, T>(q + (o + r) * D, k, ks, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D);
+        switch (rows - r) {
+          case 3: page_tile<3, D, T>(q + (o + r) * D, k, ks, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
+          case 2: page_tile<2, D, T>(q + (o + r) * D, k, ks, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
+          case 1: page_tile<1, D, T>(q + (o + r) * D, k, ks, v, &visible[r], m + o + r, l + o + r, acc + (o + r) * D); break;
+          default: break;
+        }
       }
     }
-  }
+  };
+  if (bs >= kChunk) run(std::true_type{});
+  else run(std::false_type{});
   for (int64_t hr = 0; hr < nh; ++hr)
     for (int64_t r = 0; r < rows; ++r) {
       float* dst = const_cast<float*>(row_ptr(p.out, it.head0 + hr, r));
@@ -304,9 +374,11 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   p.out = out->typed_data();
   if (qd[2] != p.head_dim || p.heads % p.kv_heads)
     return ffi::Error::InvalidArgument("paged attention: q's heads or head_dim do not match the pool");
-  if (p.block_size != 16 || (p.head_dim != 16 && p.head_dim != 32 && p.head_dim != 64 &&
-                             p.head_dim != 96 && p.head_dim != 128 && p.head_dim != 256))
-    return ffi::Error::InvalidArgument("paged attention: needs block_size 16 and head_dim 16/32/64/96/128/256");
+  if (p.block_size < 1 || (p.block_size & (p.block_size - 1)) ||
+      (p.head_dim != 16 && p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 96 &&
+       p.head_dim != 128 && p.head_dim != 256))
+    return ffi::Error::InvalidArgument("paged attention: needs a power-of-two block_size and head_dim "
+                                       "16/32/64/96/128/256");
   std::memset(p.out, 0, sizeof(float) * qd[0] * qd[1] * qd[2]);  // padding tokens: zeros
 
   std::vector<Item> items;
