@@ -45,8 +45,9 @@ def fig12(res: dict, path: pathlib.Path) -> None:
     for col, (kind, r) in enumerate(res.items()):
         for p, curve in r["curves"].items():
             rates = [c["request_rate"] for c in curve]
+            at_least = "≥" if r.get("sustained_at_top", {}).get(p) else ""
             axes[0][col].plot(rates, [c["normalized_latency_mean_s"] for c in curve], "o-",
-                              color=COLORS.get(p), label=f"{p} ({r['sustained_rate'][p]:.2f} req/s)")
+                              color=COLORS.get(p), label=f"{p} ({at_least}{r['sustained_rate'][p]:.2f} req/s)")
             axes[1][col].plot(rates, [c["mean_batch_size"] for c in curve], "o-", color=COLORS.get(p))
         axes[0][col].axhline(r["latency_bound_s"], color="k", lw=0.7, ls=":")
         axes[0][col].set_yscale("log")
@@ -144,7 +145,7 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     if "fig2" in results:
         fig2(results["fig2"], out / "fig2_memory_breakdown.png")
         paths.append(out / "fig2_memory_breakdown.png")
-    if "fig12" in results:
+    if any(r["curves"].get("paged") for r in results.get("fig12", {}).values()):  # not offline points alone
         fig12(results["fig12"], out / "fig12_latency_vs_rate.png")
         paths.append(out / "fig12_latency_vs_rate.png")
     if "fig14" in results:

@@ -156,3 +156,15 @@ def test_docstrings_point_at_sections_that_exist():
     assert refs, "docstrings point into docs/design.md"
     missing = [(f, t) for f, t in refs if " ".join(t.split()) not in headings]
     assert not missing, missing
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest's default (prepend) import mode imports each test module by its basename: two
+    files of one name in two test folders stop the whole collection (CI failed on it once)."""
+    seen: dict[str, pathlib.Path] = {}
+    clashes = []
+    for f in sorted((ROOT / "tests").rglob("test_*.py")):
+        if f.name in seen:
+            clashes.append(f"{seen[f.name].relative_to(ROOT)} and {f.relative_to(ROOT)}")
+        seen.setdefault(f.name, f)
+    assert not clashes, f"test modules with one basename: {clashes}"

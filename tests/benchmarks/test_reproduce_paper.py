@@ -54,6 +54,9 @@ def test_reproduce_paper_quick(tiny_text_model, tmp_path):
             assert all(c["normalized_latency_mean_s"] > 0 and c["mean_batch_size"] >= 1 for c in curve)
             assert all(c["compilations"] == 0 and c["kv_policy"] == policy for c in curve)
             assert fig["sustained_rate"][policy] >= 0
+            assert isinstance(fig["sustained_at_top"][policy], bool)
+            assert fig["offline_ratio_to_paged"][policy] == pytest.approx(
+                fig["offline"]["paged"]["output_tokens_per_s"] / fig["offline"][policy]["output_tokens_per_s"])
         assert res["budgets"][kind]["pool_to_request_ratio"] == pytest.approx(
             paper.PAPER_POOL_TOKENS / paper.PAPER_MEAN_REQUEST_TOKENS[kind])
     assert {(r["mode"], r["enable_block_sharing"]) for r in res["fig14"]} == {
@@ -72,4 +75,13 @@ def test_reproduce_paper_quick(tiny_text_model, tmp_path):
     # resumed: every point is on disk, so nothing is measured again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "results.json"}
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "results.json"} == before
+    # --fractions '': the offline points alone (on disk already), no rate sweep and no fig12 plot
+    figures = tmp_path / "offline"
+    subprocess.run(cmd[:-2] + ["--only", "fig2,fig12", "--fractions", "", "--figures", str(figures)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    offline = json.loads((figures / "results.json").read_text())
+    assert all(not curve for r in offline["fig12"].values() for curve in r["curves"].values())
+    assert "sustained_rate" not in offline["fig12"]["sharegpt"] and offline["fig2"] == res["fig2"]
+    assert (figures / "fig2_memory_breakdown.png").exists() and not (figures / "fig12_latency_vs_rate.png").exists()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "results.json"} == before
