@@ -23,10 +23,12 @@ _API = {
     "serve": "jpaged.entrypoints.openai.launcher",
     "start_server": "jpaged.entrypoints.openai.launcher",
     "run_worker": "jpaged.engine.worker",
+    "PagedKVCache": "jpaged.attention.paged_kv_cache",
 }
 __all__ = [*_API, "__version__"]
 
 if TYPE_CHECKING:
+    from .attention.paged_kv_cache import PagedKVCache
     from .config import EngineConfig
     from .entrypoints.llm import LLM
     from .engine.worker import run_worker

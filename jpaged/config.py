@@ -16,6 +16,7 @@ ATTENTION_BACKENDS = ("auto", "cpu", "xla", "reference", "pallas", "pallas-inter
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap")
 KV_POLICIES = ("paged", "orca-max", "orca-pow2", "orca-oracle", "static")  # core/kv_alloc_policy.py
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")  # vLLM's
 
 
 def config_field(default: Any, help: str, *, choices: tuple | None = None,
@@ -75,6 +76,14 @@ class EngineConfig:
               "blocks, copied on write; off (a benchmark baseline) a fork gets its own copy of "
               "every block at its first write, and prefix caching is off")
     max_logprobs: int = config_field(20, "most top logprobs a request may ask for per token")
+    logprobs_mode: str = config_field(
+        "raw_logprobs", "what sampled logprobs (the token's, the top ones, cumulative_logprob) "
+                        "hold: raw_logprobs = log_softmax of the model's logits; raw_logits = "
+                        "the logits; processed_logprobs / processed_logits = the same after the "
+                        "sampler's processing (penalties, then for sampled rows temperature and "
+                        "the top-k / top-p / min-p filters, filtered tokens -inf; greedy rows: "
+                        "penalties only). Prompt logprobs and beam search stay raw_logprobs",
+        choices=LOGPROBS_MODES)
     compilation_cache_dir: str | None = config_field(
         None, "where compiled executables are kept across restarts (jpaged's own, for a "
               "model loaded from a path; XLA's persistent cache for an in-memory model); '' "

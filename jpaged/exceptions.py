@@ -92,3 +92,8 @@ class KernelBuildError(JpagedError, RuntimeError):
 
 class DevicelessUnavailableError(JpagedError, RuntimeError):
     """Deviceless GPU compilation cannot run here (the message says why)."""
+
+
+class EngineStateError(JpagedError, RuntimeError):
+    """A call the engine cannot take in its state now (paused, asleep, in flight, no
+    weights): the message says what to call first. Nothing was changed."""

@@ -17,7 +17,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None
+    cumulative_logprob: float | None  # the sum of what the sampled tokens' logprobs hold
+    # (the engine's logprobs_mode: logits in the *_logits modes)
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None
@@ -33,6 +34,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt
+    # token its raw log-probability given the tokens before it (with its rank) and the top
+    # `prompt_logprobs` tokens at its position (ranks 1..k). Computed once per request.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclasses.dataclass

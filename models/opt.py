@@ -84,8 +84,8 @@ class OPTDecoderLayer(nn.Module):
 
 class OPTForCausalLM(nn.Module):
     """__call__(token_ids [N], positions [N], kv_pool (k, v), meta, logits_index [B])
-    -> (logits f32[B, vocab] at the sampled positions, updated kv_pool); the fields are
-    `LlamaForCausalLM`'s."""
+    -> (logits f32[B, vocab] at the sampled positions, updated kv_pool); the fields,
+    `return_hidden` and `head_logits` are `LlamaForCausalLM`'s."""
     config: ModelConfig
     backend: Any
     param_dtype: Any = jnp.float32
@@ -94,7 +94,7 @@ class OPTForCausalLM(nn.Module):
     tensor_parallel: int = 1
 
     @nn.compact
-    def __call__(self, token_ids, positions, kv_pool, meta, logits_index):
+    def __call__(self, token_ids, positions, kv_pool, meta, logits_index, return_hidden=False):
         c = self.config
         if c.num_kv_heads != c.num_heads:
             raise ValueError(f"OPT is multi-head attention: num_kv_heads ({c.num_kv_heads}) "
@@ -108,8 +108,8 @@ class OPTForCausalLM(nn.Module):
             h = Linear(c.hidden_size, False, pd, packed, name="project_in")(h, rows)
         h = h + Embedding(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, pd,
                           name="embed_positions")(positions + POSITION_OFFSET).astype(jnp.float32)
-        h, k_pool, v_pool = run_layers(self, OPTDecoderLayer, (h, *kv_pool), meta)
-        h = h[logits_index]
+        hidden, k_pool, v_pool = run_layers(self, OPTDecoderLayer, (h, *kv_pool), meta)
+        h = hidden[logits_index]
         # Sampled rows: the real sequences come first; padding ones have no context.
         num_seqs = jnp.sum(meta.context_lens > 0, dtype=jnp.int32)
         if c.do_layer_norm_before:
@@ -120,4 +120,21 @@ class OPTForCausalLM(nn.Module):
             logits = embed.attend(h, num_seqs)
         else:
             logits = Linear(c.vocab_size, False, pd, packed, name="lm_head")(h, num_seqs)
-        return logits, (k_pool, v_pool)
+        return (logits, hidden) if return_hidden else logits, (k_pool, v_pool)
+
+    @nn.nowrap
+    def head_logits(self, params, hidden, num_rows=None):
+        """`LlamaForCausalLM.head_logits`: the final norm (pre-norm models), project_out and
+        the head on rows of the last layer's output."""
+        c, pd, packed = self.config, self.param_dtype, self.packed_weights
+        E = c.word_embed_proj_dim or c.hidden_size
+        h = hidden
+        if c.do_layer_norm_before:
+            h = LayerNorm(LAYER_NORM_EPS, pd).apply({"params": params["norm"]}, h)
+        if c.word_embed_proj_dim:
+            h = Linear(E, False, pd, packed).apply({"params": params["project_out"]}, h, num_rows)
+        if c.tie_word_embeddings:
+            embed = Embedding(c.vocab_size, E, pd, packed)
+            return embed.apply({"params": params["embed_tokens"]}, h, num_rows, method="attend")
+        return Linear(c.vocab_size, False, pd, packed).apply({"params": params["lm_head"]}, h,
+                                                             num_rows)

@@ -35,10 +35,12 @@ def slots_to_block_offset(slot_mapping, block_size: int, num_blocks: int):
 
 
 def write_kv(k_pages, v_pages, layer, k, v, slot_mapping):
-    """Scatter `k`, `v` `[tokens, kv_heads, head_dim]` into layer `layer` of the
-    pools `[layers, kv_heads, blocks, block_size, head_dim]` at
-    `slot_mapping [tokens]` (slot = block * block_size + offset; < 0 dropped).
-    Returns the updated `(k_pages, v_pages)`."""
+    """Scatter `k`, `v` `[tokens, kv_heads, head_dim]` into layer `layer` (int32
+    scalar, may be traced) of the pools `[layers, kv_heads, blocks, block_size,
+    head_dim]` at `slot_mapping [tokens]` int32 (slot = block * block_size +
+    offset; < 0, padding, dropped). k and v are cast to the pools' dtype.
+    Returns the updated `(k_pages, v_pages)`; under jit with the pools donated
+    they are updated in place. Plain XLA: runs on every backend, no `interpret`."""
     _, _, num_blocks, block_size, _ = k_pages.shape
     block, offset = slots_to_block_offset(slot_mapping, block_size, num_blocks)
     layer = jnp.asarray(layer, jnp.int32)
@@ -51,7 +53,7 @@ def write_kv(k_pages, v_pages, layer, k, v, slot_mapping):
 
 
 def write_kv_reference(k_pages, v_pages, layer, k, v, slot_mapping):
-    """NumPy loop, for tests."""
+    """NumPy loop, for tests: the arguments of `write_kv`; returns numpy pools."""
     import numpy as np
 
     kp, vp = np.array(k_pages), np.array(v_pages)

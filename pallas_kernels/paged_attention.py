@@ -117,14 +117,26 @@ def paged_attention(
     interpret=False,
     gpu=None,
 ) -> jax.Array:
-    """Decode attention of `q [seqs, heads, head_dim]` over paged K/V.
+    """Decode attention: one new token per sequence, `q [seqs, heads, head_dim]` (row s
+    is sequence s's token, the last of its context) over paged K/V.
 
-    `k_pages`/`v_pages`: `[layers, kv_heads, blocks, block_size, head_dim]`;
-    `layer`: int32 scalar (may be traced); `block_tables`: int32
-    `[seqs, pages_per_seq]` (entries past a context may be anything, even -1);
-    `context_lens`: int32 `[seqs]`, 0 for padding rows (their output is 0).
-    `gpu` ("a100"/"h100", default: detected) picks the tunables of
-    `tuning.decode_params`; explicit tunables win.
+    `k_pages`/`v_pages`: `[layers, kv_heads, blocks, block_size, head_dim]`, one pool
+    for all layers; float32, bfloat16 or float16, with q in the same dtype on a GPU
+    (Triton dots take one operand type). `heads` a multiple of `kv_heads` (GQA);
+    `head_dim` a power of two >= 16, `block_size` a power of two.
+    `layer`: int32 scalar (may be traced: no per-layer slice of the pool is made).
+    `block_tables`: int32 `[seqs, pages_per_seq]`: row s lists sequence s's blocks in
+    token order, token t at block `block_tables[s, t // block_size]`, offset
+    `t % block_size` (entries past a context may be anything, even -1).
+    `context_lens`: int32 `[seqs]`, tokens with K/V in the pool, the new one included
+    (`write_kv` it first); 0 for padding rows (their output is 0).
+    `scale`: softmax scale, default `1/sqrt(head_dim)`. Returns `[seqs, heads,
+    head_dim]` in q.dtype, float32 softmax and accumulation.
+    `interpret=True` runs the kernel in Pallas' interpret mode on any backend (the
+    CPU included: slow, for tests); otherwise it lowers through Triton, NVIDIA GPUs
+    only. `gpu` ("a100"/"h100", default: detected) picks the tunables of
+    `tuning.decode_params`; explicit tunables win. Jitted: `scale`, the tunables,
+    `interpret` and `gpu` are static.
     """
     num_seqs = q.shape[0]
     num_heads, num_kv_heads, group, head_dim, block_size, pages_per_seq = common.check_shapes(
@@ -211,7 +223,8 @@ def paged_attention(
 def paged_attention_reference(
     q, k_pages, v_pages, layer, block_tables, context_lens, *, scale=None
 ) -> jax.Array:
-    """Plain jnp decode attention: gather each sequence's pages, mask, softmax."""
+    """Plain jnp decode attention: gather each sequence's pages, mask, softmax. The
+    arguments, layout and result of `paged_attention`; any backend, any dtype."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale

@@ -148,13 +148,29 @@ def ragged_paged_attention(
     interpret=False,
     gpu=None,
 ) -> jax.Array:
-    """Causal attention of packed new tokens over paged K/V.
+    """Causal attention of packed new tokens over paged K/V (prefill, chunked
+    prefill, mixed steps).
 
-    `q [tokens, heads, head_dim]`; pools `[layers, kv_heads, blocks,
-    block_size, head_dim]`; `layer` int32 scalar (may be traced);
-    `block_tables [seqs, pages_per_seq]`, `context_lens [seqs]`,
-    `query_start_loc [seqs + 1]` int32. Tokens past `query_start_loc[-1]` give
-    zeros. Returns `[tokens, heads, head_dim]` in q.dtype.
+    `q [tokens, heads, head_dim]`: sequence b's new tokens are
+    `q[query_start_loc[b]:query_start_loc[b + 1]]`, at positions
+    `context_lens[b] - q_len ... context_lens[b] - 1`; each sees its sequence's
+    keys up to its own position. Tokens past `query_start_loc[-1]` give zeros.
+    Pools `[layers, kv_heads, blocks, block_size, head_dim]`, one for all layers;
+    float32, bfloat16 or float16, with q in the same dtype on a GPU. `heads` a
+    multiple of `kv_heads` (GQA); `head_dim` a power of two >= 16, `block_size`
+    a power of two. `layer` int32 scalar (may be traced).
+    `block_tables [seqs, pages_per_seq]` int32: row b lists sequence b's blocks in
+    token order (token t at block `block_tables[b, t // block_size]`, offset
+    `t % block_size`; entries past a context may be anything, even -1).
+    `context_lens [seqs]` int32: tokens with K/V in the pool, this step's new
+    ones included (`write_kv` them first). `query_start_loc [seqs + 1]` int32,
+    non-decreasing from 0 (a sequence may have no new tokens).
+    `scale`: default `1/sqrt(head_dim)`. Returns `[tokens, heads, head_dim]` in
+    q.dtype, float32 softmax and accumulation.
+    `interpret=True` runs the kernel in Pallas' interpret mode on any backend
+    (the CPU included: slow, for tests); otherwise it lowers through Triton,
+    NVIDIA GPUs only. `gpu` and explicit tunables as in `paged_attention`
+    (`tuning.ragged_params`). Jitted: all keyword arguments are static.
     """
     num_tokens = q.shape[0]
     num_heads, num_kv_heads, group, head_dim, block_size, pages_per_seq = common.check_shapes(
@@ -234,7 +250,8 @@ def ragged_paged_attention(
 def ragged_paged_attention_reference(
     q, k_pages, v_pages, layer, block_tables, context_lens, query_start_loc, *, scale=None
 ) -> jax.Array:
-    """Plain jnp: every token attends to its own sequence's gathered keys."""
+    """Plain jnp: every token attends to its own sequence's gathered keys. The
+    arguments, layout and result of `ragged_paged_attention`; any backend, any dtype."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[1]
     num_seqs = context_lens.shape[0]

@@ -4,7 +4,9 @@ the paged attention and the in-place write of each step's K/V into the pool.
 The kernel is compiled on first use for this machine's CPU (`jpaged.ops.build`: cached by
 a hash of the source, flags, jaxlib and CPU) and registered with `jax.ffi` (JAX's
 documented way to add a CPU kernel to XLA; Pallas has no CPU backend). Without a
-compiler, `auto` keeps the pure-jnp `xla` backend and logs why.
+compiler, `auto` keeps the pure-jnp `xla` backend and logs why. `paged_attention` and
+`write_kv` are public ops too, for a decoder of your own (docs/design.md, "Paged attention
+as a library").
 
 Pool layout, block copies and swaps are the `xla` backend's. `write` stores new K/V in place
 (the call's outputs aliased to the donated pool): XLA's own CPU scatter copies a bfloat16
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.exceptions import KernelBuildError
 from jpaged.ops import build as build_lib
 
 from .metadata import AttentionMetadata
@@ -51,12 +54,36 @@ load, available = build_lib.ffi_library(SOURCE, "attention kernel",
                                         {TARGET: "JpagedPagedAttention", WRITE_TARGET: "JpagedWriteKV"})
 
 
+def require() -> None:
+    """Build and register the kernel (once per machine), or raise KernelBuildError saying why
+    it cannot be and what to use instead."""
+    if (reason := available()) is not None:
+        raise KernelBuildError(
+            f"jpaged's C++ CPU attention kernel is unavailable here: {reason}. The `xla` and "
+            "`reference` backends (jpaged.attention.selector.get_backend, or "
+            "PagedKVCache.create(..., backend='xla')) keep the same pool layout in plain jnp")
+
+
 def paged_attention(q, k_pool, v_pool, layer, block_tables, context_lens, query_start_loc,
                     scale: float):
-    """q [N, heads, head_dim] -> f32 [N, heads, head_dim]: each sequence's new tokens (packed
-    by query_start_loc) attend causally to its context through its block table; tokens past
-    query_start_loc[-1] get zeros. Pools as the `xla` backend lays them out."""
-    load()
+    """The C++ kernel as a library op: causal attention of packed new tokens over paged K/V.
+
+    q: [N, heads, head_dim], any float dtype (read as float32); sequence b's new tokens
+      are q[query_start_loc[b]:query_start_loc[b + 1]], at positions context_lens[b] -
+      q_len ... context_lens[b] - 1; rows past query_start_loc[-1] are padding (zeros out).
+    k_pool, v_pool: [layers, blocks, kv_heads, block_size, head_dim], float32 or bfloat16,
+      one pool for all layers; inside each block K is stored transposed ([kv_heads,
+      head_dim, block_size] in the same bytes): fill it with `write_kv` (or `XlaBackend.write`).
+      heads a multiple of kv_heads (GQA); head_dim in HEAD_DIMS; block_size a power of two.
+    layer: int32 scalar (may be traced). block_tables: int32 [B, pages]: row b lists sequence
+      b's blocks in token order (token t at block block_tables[b, t // block_size], offset
+      t % block_size); entries past its context are not read.
+    context_lens: int32 [B], tokens of each sequence with K/V in the pool, this step's new
+      ones included (write them first); 0 = an idle row. query_start_loc: int32 [B + 1].
+    scale: the softmax scale (1/sqrt(head_dim) for the usual attention).
+    Returns float32 [N, heads, head_dim]. Runs under jit; KernelBuildError if the kernel
+    cannot be built here (`available()` says why beforehand)."""
+    require()
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k_pool, v_pool, jnp.asarray(layer, jnp.int32),
                 block_tables.astype(jnp.int32), context_lens.astype(jnp.int32),
@@ -64,10 +91,13 @@ def paged_attention(q, k_pool, v_pool, layer, block_tables, context_lens, query_
 
 
 def write_kv(k_pool, v_pool, layer, k, v, slot_mapping):
-    """The pools with k, v [N, kv_heads, head_dim] stored at `slot_mapping` in layer `layer`
-    (slots outside the pool, such as padding's -1, dropped). The outputs alias the pools:
-    under jit with the pools donated, nothing is copied."""
-    load()
+    """The pools with k, v [N, kv_heads, head_dim] stored at `slot_mapping` (int32 [N], slot =
+    block * block_size + offset) in layer `layer`; pools [layers, blocks, kv_heads,
+    block_size, head_dim] in float32 or bfloat16, laid out as `paged_attention` reads them
+    (K transposed inside each block). Slots outside the pool, such as padding's -1, are
+    dropped. The outputs alias the pools: under jit with the pools donated, nothing is
+    copied. KernelBuildError if the kernel cannot be built here."""
+    require()
     pools = (jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype))
     call = jax.ffi.ffi_call(WRITE_TARGET, pools, input_output_aliases={0: 0, 1: 1})
     # The kernel takes float32 or bfloat16 K/V; other dtypes arrive as float32.

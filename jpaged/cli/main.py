@@ -12,7 +12,7 @@ from . import chat, convert, generate, serve, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jpaged.benchmarks import attention, memory, serving, step, throughput
+    from jpaged.benchmarks import attention, memory, serving, step, throughput, weights
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="jpaged", description="jpaged: an LLM serving engine in JAX with PagedAttention.")
@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("serving", serving, "serving latency and throughput against a server"),
             ("memory", memory, "KV blocks saved by sharing (the paper's section 6.3)"),
             ("step", step, "decode step time next to this machine's floors"),
-            ("attention", attention, "paged against contiguous decode attention (Fig. 18a)")]:
+            ("attention", attention, "paged against contiguous decode attention (Fig. 18a)"),
+            ("weights", weights, "new weights in place against a rebuild and a reload; sleep "
+                                 "and wake")]:
         p = bench_sub.add_parser(name, help=help_text, description=module.DESCRIPTION,
                                  formatter_class=fmt)
         module.add_cli_args(p)

@@ -284,8 +284,10 @@ class BlockManager:
     # ---- prefix caching -------------------------------------------------------------------
 
     def match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks of `seq`'s longest cached prefix (not taken yet)."""
-        if not self.prefix_cache.enabled or seq.block_table:
+        """Cached blocks of `seq`'s longest cached prefix (not taken yet); none for a request
+        with prompt logprobs, which needs every prompt position computed (as vLLM v1)."""
+        if not self.prefix_cache.enabled or seq.block_table \
+                or seq.request.params.prompt_logprobs is not None:
             return []
         return self.prefix_cache.match(seq)
 
@@ -329,6 +331,16 @@ class BlockManager:
     def reset_prefix_cache(self) -> None:
         """Forget every cached block nobody holds (held ones stay until released)."""
         self._free.extend(self.prefix_cache.reset())
+
+    def invalidate_prefix_cache(self, unplaced: list[Sequence]) -> None:
+        """After new weights: no block cached so far is matched again (see
+        `PrefixCache.invalidate`). `unplaced`: the sequences that hold no blocks yet, whose
+        keys, computed under the old weights, are dropped. Sequences that hold blocks keep
+        theirs, so the blocks they fill are never matched by a new request."""
+        self._free.extend(self.prefix_cache.invalidate())
+        for seq in unplaced:
+            assert not seq.block_table
+            seq.block_hashes = []
 
     # ---- swapping -------------------------------------------------------------------------
 

@@ -24,6 +24,9 @@ class PrefixCache:
         self.query_tokens = 0  # prompt tokens looked up
         self.hit_tokens = 0  # of which served from the cache
         self.num_evictions = 0
+        # Bumped by `invalidate`: part of every key, so blocks cached before (computed with
+        # other weights, or lost with the pool) are never matched again.
+        self.generation = 0
 
     @property
     def num_evictable(self) -> int:
@@ -50,7 +53,8 @@ class PrefixCache:
         while len(keys) <= i:
             j = len(keys)
             parent = keys[j - 1] if j else None
-            keys.append(hash((parent, tuple(seq.token_ids[j * bs:(j + 1) * bs]), self.extra_keys(seq))))
+            keys.append(hash((parent, tuple(seq.token_ids[j * bs:(j + 1) * bs]), self.extra_keys(seq),
+                              self.generation)))
         return keys[i]
 
     def key_of(self, block: int) -> int | None:
@@ -103,3 +107,9 @@ class PrefixCache:
             del self._block_of[self._key_of.pop(block)]
         self._evictable.clear()
         return blocks
+
+    def invalidate(self) -> list[int]:
+        """No block cached so far will be matched again (the weights changed): the
+        evictable ones are forgotten and returned, held ones keep keys no new lookup makes."""
+        self.generation += 1
+        return self.reset()

@@ -94,6 +94,11 @@ class Request:
     # The client request this one is part of (a server request with several prompts, each
     # an engine request): admission takes turns between client requests. None: its own.
     client_request_id: str | None = None
+    # SamplingParams.prompt_logprobs: [None] (the first prompt token's), then one entry per
+    # prompt token as its position is computed (the request's, whichever sequence computes
+    # it: recorded once); and whether a front end in another process has them.
+    prompt_logprobs: list | None = None
+    sent_prompt_logprobs: bool = False
 
     @property
     def client(self) -> str:

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from jpaged.exceptions import EngineDeadError, EngineStepError
+from jpaged.exceptions import EngineDeadError, EngineStateError, EngineStepError
 from jpaged.sampling_params import SamplingParams
 
 from .engine_client import EngineClient, ModelInfo, _Stream, send_to_streams
@@ -92,7 +92,21 @@ class AsyncEngine(EngineClient):
         return box.get("value")
 
     def call_utility(self, method: str, *args, timeout: float | None = None) -> Any:
+        if method == "pause":  # the requests it aborts get their final output
+            return self.call_sync(lambda core: self._deliver(core.pause_requests(*args)), timeout=timeout)
         return self.call_sync(lambda core: getattr(core, method)(*args), timeout=timeout)
+
+    def update_weights(self, params, timeout: float | None = None) -> None:
+        """`EngineCore.update_weights` between steps; the engine must be paused (`pause`)."""
+        def update(core):
+            if not core.paused:
+                raise EngineStateError("the engine is running: pause(mode='wait' | 'abort' | "
+                                       "'keep') before update_weights, resume() after")
+            core.update_weights(params)
+        self.call_sync(update, timeout=timeout)
+
+    def get_weights(self, timeout: float | None = None):
+        return self.call_sync(lambda core: core.get_weights(), timeout=timeout)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort everything, stop the thread and wait for it (a step in flight finishes)."""

@@ -31,7 +31,7 @@ import msgspec
 import zmq
 
 from jpaged.engine.stats import EngineStats
-from jpaged.exceptions import EngineDeadError, InvalidRequestTypeError
+from jpaged.exceptions import EngineDeadError, EngineStepError, InvalidRequestTypeError, JpagedError
 from jpaged.sampling_params import SamplingParams
 
 from .engine_client import EngineClient, ModelInfo, _Stream, send_to_streams
@@ -145,8 +145,11 @@ class EngineCoreClient(EngineClient):
         if not box[0].wait(timeout):
             self._calls.pop(call_id, None)
             raise TimeoutError(f"the engine core did not answer {method}() in time")
-        if box[2] is not None:
-            raise RuntimeError(box[2])
+        if box[2] is not None:  # "Kind: message", as the core's utility() sends it
+            kind, _, message = box[2].partition(": ")
+            error = rebuild_error(RequestError("", kind, message, None))
+            raise error if kind in ("ValueError", "TypeError") or isinstance(error, JpagedError) \
+                and not isinstance(error, EngineStepError) else RuntimeError(box[2])
         return box[1]
 
     def shutdown(self, timeout: float = 30.0) -> None:

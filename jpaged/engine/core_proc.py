@@ -102,7 +102,12 @@ class EngineCoreProc:
         try:
             if msg.method not in UTILITY_METHODS:
                 raise ValueError(f"{msg.method!r} is not one of {sorted(UTILITY_METHODS)}")
-            self.send(UtilityResult(msg.call_id, getattr(self.core, msg.method)(*msg.args), None))
+            if msg.method == "pause":  # the requests it aborts get their final output
+                self.deliver(self.core.pause_requests(*msg.args))
+                result = None
+            else:
+                result = getattr(self.core, msg.method)(*msg.args)
+            self.send(UtilityResult(msg.call_id, result, None))
         except Exception as e:  # noqa: BLE001 - handed to the caller
             self.send(UtilityResult(msg.call_id, None, f"{type(e).__name__}: {e}"))
 

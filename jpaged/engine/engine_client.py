@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from jpaged.exceptions import EngineDeadError
+from jpaged.exceptions import EngineDeadError, EngineStateError
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -34,6 +34,11 @@ class ModelInfo:
     generation_config: dict[str, Any]
     model_path: str | None  # None: an in-memory model
     is_default_model: bool  # the embedded SmolLM2-135M-Instruct
+
+
+# What `pause` does with the requests in flight (vLLM's pause_generation modes; EngineCore.pause).
+PAUSE_MODES = ("wait", "abort", "keep")
+PAUSE_POLL_S = 0.02
 
 
 class _Stream:
@@ -99,6 +104,49 @@ class EngineClient:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         raise NotImplementedError
+
+    # ---- pausing and sleeping (blocking: call from a thread, not from the event loop) ---------
+
+    def pause(self, mode: str = "wait", timeout: float | None = None) -> None:
+        """Pause generation (`EngineCore.pause_requests`) and return once the engine is paused:
+        "abort" and "keep" at once, "wait" when the requests in flight have finished
+        (TimeoutError after `timeout` seconds; the engine then goes on pausing). Requests
+        that come meanwhile wait for `resume`; aborted ones end with finish_reason "abort"."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
+        self.call_utility("pause", mode)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.call_utility("is_paused"):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"requests still in flight after {timeout} s; the engine "
+                                   "pauses when they finish (or pause(mode='abort'))")
+            time.sleep(PAUSE_POLL_S)
+
+    def resume(self) -> None:
+        self.call_utility("resume")
+
+    def is_paused(self) -> bool:
+        return bool(self.call_utility("is_paused"))
+
+    def sleep(self, level: int = 1) -> None:
+        """`EngineCore.sleep`: free the KV pool (and the weights at level 2)."""
+        self.call_utility("sleep", level)
+
+    def wake_up(self) -> None:
+        self.call_utility("wake_up")
+
+    def is_sleeping(self) -> bool:
+        return bool(self.call_utility("is_sleeping"))
+
+    def update_weights(self, params) -> None:
+        """`EngineCore.update_weights`, on a paused engine of this process (AsyncEngine)."""
+        raise EngineStateError("the engine core runs in a process of its own: weights are "
+                               "updated in place only in the training process (LLM, or "
+                               "jpaged.serve(llm) / start_server(engine_process=False))")
+
+    def get_weights(self):
+        raise EngineStateError("the engine core runs in a process of its own: get_weights "
+                               "works in-process (LLM, AsyncEngine)")
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None,
                        client_request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -26,7 +26,8 @@ from jpaged.core.kv_alloc_policy import make_policy
 from jpaged.core.scheduler import Scheduler
 from jpaged.core.scheduler_output import SchedulerOutput
 from jpaged.core.sequence import Request, Sequence
-from jpaged.exceptions import DistributedError, InvalidRequestError, InvalidRequestTypeError
+from jpaged.exceptions import (DistributedError, EngineStateError, InvalidRequestError,
+                               InvalidRequestTypeError)
 from jpaged.outputs import RequestOutput
 from jpaged.runner import distributed
 from jpaged.runner.kv_cache import plan_kv_cache
@@ -35,12 +36,14 @@ from jpaged.runner.executables import ExecutableTable, source_fingerprint
 from jpaged.runner.model_runner import (ModelRunner, enable_compilation_cache, executables_dir,
                                         num_step_compilations)
 from jpaged.runner.sampling_tensors import sampler_mode
+from jpaged.runner.weights import WeightLayout
 from jpaged.sampling_params import BeamSearchParams, SamplingParams
 
 from .beam_search import BeamGroup, beam_sampling_params
 from .detokenizer import DetokState
+from .engine_client import PAUSE_MODES
 from .input_processor import InputProcessor, ProcessedPrompt, PromptType
-from .output_processor import OutputProcessor, finish
+from .output_processor import OutputProcessor, finish, prompt_logprob_rows
 from .stats import EngineStats
 
 # Sampling defaults when the model's files set none (the embedded GGUF has no generation
@@ -50,6 +53,7 @@ from .stats import EngineStats
 # French-like text; greedy answers "The capital of France is Paris."). `SamplingParams()`
 # itself keeps vLLM's defaults (temperature 1.0).
 DEFAULT_GENERATION_CONFIG = {"temperature": 0.0}
+
 
 
 def _device_bytes(tree) -> int:
@@ -79,7 +83,8 @@ def build_runner(config: EngineConfig, model, params=None, tokenizer=None,
                          max_num_seqs=config.max_num_seqs,
                          max_num_batched_tokens=config.max_num_batched_tokens,
                          max_logprobs=config.max_logprobs, eos_token_ids=sorted(eos_token_ids(loaded)),
-                         executables=executable_table(config, loaded, kv), leader=leader)
+                         executables=executable_table(config, loaded, kv), leader=leader,
+                         logprobs_mode=config.logprobs_mode)
     return loaded, kv, runner
 
 
@@ -131,7 +136,8 @@ class EngineCore:
         self.model_path = loaded.path  # the file or folder loaded (None: an in-memory model)
         self.is_default_model = model is None or is_default_model(loaded.path)
         self.model_config = loaded.config
-        self.params = loaded.params
+        self.weights = WeightLayout(loaded.module, loaded.weights_config or loaded.config,
+                                    loaded.params)
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config or dict(DEFAULT_GENERATION_CONFIG)
         self.eos_token_ids = eos = set(self.runner.eos_token_ids)
@@ -148,7 +154,20 @@ class EngineCore:
         self.stats = EngineStats()
         self._request_counter = itertools.count()
         self._rng = np.random.default_rng(config.seed)
+        # Pausing and sleeping (`pause`, `sleep`): requests added meanwhile wait here, out
+        # of the scheduler, until both are over.
+        self.paused = False
+        self._pausing = False  # pause("wait"): the requests in flight finish, then paused
+        self.sleep_level = 0
+        self._held: list[Request] = []
+        self._host_params = None  # sleep(level=1): the weights in host memory
+        self.weights_version = 0  # update_weights calls so far
         self.load_s = time.perf_counter() - start
+
+    @property
+    def params(self):
+        """The runner's params, in the layout it runs (`get_weights` gives the canonical one)."""
+        return self.runner.params
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -173,7 +192,13 @@ class EngineCore:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestTypeError(
                 f"sampling params must be SamplingParams, got {type(params).__name__}")
+        for field in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, field) or 0) > self.config.max_logprobs:
+                raise InvalidRequestError(f"{field}={getattr(params, field)} exceeds max_logprobs="
+                                          f"{self.config.max_logprobs}", field)
         prompt = self.input_processor.process(prompt)
+        if self.runner.params is None and not self.sleep_level:
+            raise EngineStateError(self._no_weights_message())
         request_id = request_id if request_id is not None else str(next(self._request_counter))
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already running")
@@ -183,6 +208,8 @@ class EngineCore:
         ids = prompt.token_ids
         request = Request(request_id, prompt.text, ids, params, time.monotonic(),
                           client_request_id=client_request_id)
+        if params.prompt_logprobs is not None:  # the first token has none (vLLM's shape)
+            request.prompt_logprobs = [None]
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         for i in range(params.best_of):
             seq = Sequence(request, list(ids), len(ids), index=i,
@@ -195,7 +222,10 @@ class EngineCore:
         request.seqs[0].pending_forks = request.seqs[1:]
         if beam_params is not None:
             request.beam = BeamGroup(request, beam_params, self.eos_token_ids, self.max_model_len)
-        self.scheduler.add(request.seqs[0])
+        if self.paused or self._pausing or self.sleep_level:
+            self._held.append(request)  # runs after resume() / wake_up()
+        else:
+            self.scheduler.add(request.seqs[0])
         self.requests[request_id] = request
         return request_id
 
@@ -204,16 +234,156 @@ class EngineCore:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        if request in self._held:
+            self._held.remove(request)
         for seq in request.seqs:
             if not seq.finished:
                 finish(seq, "abort")
                 self.scheduler.remove(seq)
+        self._check_paused()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
+
+    # ---- pausing, weights, sleep (research pipelines; docs/design.md, "Weights in place") ---
+
+    def _in_flight(self) -> int:
+        """Unfinished requests the scheduler has (held ones excepted)."""
+        return len(self.requests) - len(self._held)
+
+    def can_step(self) -> bool:
+        """Whether a step would run anything: requests in flight, not paused, not asleep."""
+        return self._in_flight() > 0 and not self.paused and not self.sleep_level
+
+    def _check_paused(self) -> None:
+        if self._pausing and not self._in_flight():
+            self._pausing, self.paused = False, True
+
+    def _release_held(self) -> None:
+        if self.paused or self._pausing or self.sleep_level or self.runner.params is None:
+            return
+        held, self._held = self._held, []
+        for request in held:
+            self.scheduler.add(request.seqs[0])
+
+    def pause_requests(self, mode: str = "wait") -> list[Request]:
+        """Stop generating, as vLLM's `pause_generation` (`LLM.pause`, `EngineClient.pause`
+        call it). Requests added from now on wait until `resume()`. The requests in flight:
+        `wait` lets them finish (the engine is paused when the last one has: `is_paused()`;
+        the caller's loop keeps stepping), `abort` aborts them (returned, finished with
+        "abort", for the caller to deliver), `keep` freezes them where they are, blocks and
+        all, to go on after `resume()` (with the weights then in place)."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
+        aborted = []
+        if mode == "abort":
+            for request_id, request in list(self.requests.items()):
+                if request not in self._held:
+                    self.abort_request(request_id)
+                    aborted.append(request)
+        if mode == "wait" and self._in_flight() and not self.paused:
+            self._pausing = True
+        else:
+            self._pausing, self.paused = False, True
+        return aborted
+
+    def resume(self) -> None:
+        """Undo `pause`: frozen requests go on, and those that came meanwhile start."""
+        self.paused = self._pausing = False
+        self._release_held()
+
+    def is_paused(self) -> bool:
+        return self.paused
+
+    def _check_can_change(self, what: str) -> None:
+        if self.leader is not None:
+            raise EngineStateError(f"{what} is not available with num_processes > 1")
+        if self._in_flight() and not self.paused:
+            raise EngineStateError(
+                f"{what} needs a paused engine: {self._in_flight()} requests are in flight; "
+                "call pause(mode='wait' | 'abort' | 'keep') first")
+
+    def get_weights(self):
+        """The weights as the canonical param tree: per-layer `layers_i`, unpacked and whole
+        (models/loader.py's layout, what `LLM(model=..., params=...)`, `update_weights` and
+        `jpaged.models.causal_forward` take). A copy: new arrays the caller owns."""
+        if self.runner.params is None:
+            raise EngineStateError(self._no_weights_message())
+        return self.weights.to_canonical(self.runner.params)
+
+    def update_weights(self, params) -> None:
+        """Replace the weights in place with `params` (a tree of `get_weights`'s paths,
+        shapes and dtypes: numpy or jax arrays, on any device). They are copied into the
+        engine's own arrays in the runner's layout (packed, stacked, sharded), so nothing
+        recompiles and the caller may go on updating or donating its arrays; the old ones
+        are deleted. Prefix-cache blocks computed with the old weights are never matched
+        again. Needs an idle or paused engine (requests kept by pause("keep") go on with the
+        new weights). A tree that does not match raises ValueError naming the first
+        mismatching leaf, and the old weights stay."""
+        self._check_can_change("update_weights")
+        if self.sleep_level:
+            raise EngineStateError("the engine is asleep: call wake_up() before update_weights")
+        new = self.weights.to_engine(self.weights.normalize(params))
+        old, self.runner.params = self.runner.params, new
+        if old is not None:
+            for x in jax.tree_util.tree_leaves(old):
+                x.delete()
+        self._invalidate_prefix_cache()
+        self.weights_version += 1
+        self._release_held()  # after sleep(level=2), requests wait for weights
+
+    def _invalidate_prefix_cache(self) -> None:
+        sched = self.scheduler
+        unplaced = [s for s in sched.waiting if not s.block_table]
+        unplaced += [s for r in self._held for s in r.seqs]
+        self.block_manager.invalidate_prefix_cache(unplaced)
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the accelerator's memory between rollouts, as vLLM's sleep mode: level 1
+        deletes the KV pool and moves the weights to host memory, level 2 deletes both (then
+        `update_weights` must bring weights after `wake_up`). The prefix cache is emptied.
+        Needs no request in flight (pause(mode="abort") first, or let them finish); requests
+        added while asleep wait for `wake_up`."""
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level!r}")
+        if self.sleep_level:
+            raise EngineStateError(f"the engine is asleep already (level {self.sleep_level})")
+        if self.leader is not None:
+            raise EngineStateError("sleep is not available with num_processes > 1")
+        if self._in_flight():
+            raise EngineStateError(
+                f"{self._in_flight()} requests are in flight: let them finish or "
+                "pause(mode='abort') before sleep()")
+        self._invalidate_prefix_cache()
+        self.runner.release_pool()
+        if level == 1 and self.runner.params is not None:
+            self._host_params = jax.device_get(self.runner.params)
+        self.runner.release_params()
+        self.sleep_level = level
+
+    def wake_up(self) -> None:
+        """Undo `sleep`: a fresh (empty) KV pool, and the weights back from host memory
+        (level 1) or none until `update_weights` (level 2). Requests that came meanwhile start."""
+        if not self.sleep_level:
+            return
+        self.runner.kv_pool = self.runner.new_pool()
+        if self._host_params is not None:
+            self.runner.params = jax.device_put(self._host_params, self.weights.shardings)
+            self._host_params = None
+        self.sleep_level = 0
+        self._release_held()
+
+    def is_sleeping(self) -> bool:
+        return bool(self.sleep_level)
+
+    def _no_weights_message(self) -> str:
+        if self.sleep_level:
+            return "the engine is asleep: call wake_up() first"
+        return ("the weights were discarded by sleep(level=2): call update_weights(params) "
+                "before generating")
 
     # ---- sequences (for beam search) ------------------------------------------------------
 
@@ -236,13 +406,18 @@ class EngineCore:
     def step_requests(self) -> list[Request]:
         """Run one scheduled step; return the requests it advanced (beam searches excepted:
         `LLM.beam_search` reads their groups)."""
+        if not self.can_step():
+            return []
         batch = self.scheduler.schedule()
         if batch is None:
             return []
         self._apply_block_ops(batch)
         if not batch.seqs:  # only swaps this step
             return []
-        out = self.runner.execute(batch)
+        prompt_rows = prompt_logprob_rows(batch)
+        out = self.runner.execute(batch, prompt_rows)
+        if prompt_rows:
+            self.output_processor.append_prompt_logprobs(prompt_rows, out.prompt_logprobs)
         touched: dict[str, Request] = {}
         beams = {}
         for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
@@ -274,6 +449,7 @@ class EngineCore:
                     self.scheduler.remove(seq)
             if request.finished:
                 del self.requests[request.request_id]
+        self._check_paused()
         return list(touched.values())
 
     def run_loop(self, drain: Callable[[float | None], bool], deliver: Callable[[list[Request]], None],
@@ -282,8 +458,8 @@ class EngineCore:
         the commands that came, waiting up to `wait_s` for the first (None: while idle, until
         one comes), and returns False to stop; each step's advanced requests go to `deliver`;
         a step that raises goes to `step_failed`, and serving goes on."""
-        while drain(None if not self.requests else 0.0):
-            if not self.requests:
+        while drain(0.0 if self.can_step() else None):
+            if not self.can_step():
                 continue
             steps = self.stats.steps
             try:
@@ -311,14 +487,20 @@ class EngineCore:
     def warmup(self, sampling_params: Seq[SamplingParams] | None = None, *, use_tqdm: bool = True,
                workers: int = 2) -> float:
         """Compile (or load from disk) every executable a request can need: each step bucket
-        this configuration can produce, and the sampler for every mode (penalties, logprobs;
-        greedy, sampled and filtered rows share one), or only for the modes
-        `sampling_params` need. Runs nothing. Returns the seconds it took."""
+        this configuration can produce, the sampler for every mode (penalties, logprobs;
+        greedy, sampled and filtered rows share one) and the prompt-logprobs executable of
+        each prefill bucket, or only what `sampling_params` need. Runs nothing. Returns the
+        seconds it took."""
         from tqdm.auto import tqdm
+        if self.runner.params is None or self.runner.kv_pool is None:
+            raise EngineStateError(self._no_weights_message())
         start = time.perf_counter()
         modes = None if sampling_params is None else list(dict.fromkeys(
-            sampler_mode([sp], sp.min_tokens > 0, self.config.max_logprobs) for sp in sampling_params))
-        items = self.runner.executables_needed(modes)
+            sampler_mode([sp], sp.min_tokens > 0, self.config.max_logprobs, self.config.logprobs_mode)
+            for sp in sampling_params))
+        prompt_logprobs = sampling_params is None or any(sp.prompt_logprobs is not None
+                                                         for sp in sampling_params)
+        items = self.runner.executables_needed(modes, prompt_logprobs)
         with tqdm(total=len(items), desc="Compiling", disable=not use_tqdm, unit="exe") as bar:
             lock = threading.Lock()
 

@@ -9,10 +9,10 @@ Core -> front end (PUSH -> PULL):
   UtilityResult, Failed (the core could not start).
 
 Outputs carry deltas, not whole RequestOutputs: the tokens, logprobs and text each
-completion gained since the last message, so a step's message costs the same whatever
-the requests' lengths. `request_delta` builds them in the core from its sequences;
-`OutputAccumulator` in the front end turns them back into the cumulative RequestOutputs
-that `LLM.step` gives. Host only: no jax.
+completion gained since the last message (and, once, a request's prompt logprobs), so a
+step's message costs the same whatever the requests' lengths. `request_delta` builds them
+in the core from its sequences; `OutputAccumulator` in the front end turns them back into
+the cumulative RequestOutputs that `LLM.step` gives. Host only: no jax.
 """
 from __future__ import annotations
 
@@ -65,10 +65,14 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     num_executables: int
 
 
+# One position's logprobs: (token id, logprob, rank, decoded token)s
+LogprobsEntry = list[tuple[int, float, int | None, str | None]]
+
+
 class CompletionDelta(msgspec.Struct, array_like=True):
     index: int
     token_ids: list[int]  # new tokens
-    logprobs: list[list[tuple[int, float, int | None]]] | None  # per new token: (id, logprob, rank)s
+    logprobs: list[LogprobsEntry] | None  # per new token
     text_keep: int  # keep this many characters of the text sent so far (a stop string may cut it)
     text: str  # then append this
     cumulative_logprob: float | None
@@ -81,6 +85,8 @@ class RequestDelta(msgspec.Struct, array_like=True):
     finished: bool
     completions: list[CompletionDelta]
     replace: bool = False  # the completions are whole (best_of > n picked its best at the end)
+    # the request's prompt logprobs (the first entry, None, left out), in its first delta
+    prompt_logprobs: list[LogprobsEntry] | None = None
 
 
 class Outputs(msgspec.Struct, tag=True, array_like=True):
@@ -110,7 +116,8 @@ FromCore = Handshake | Ready | Outputs | RequestError | UtilityResult | Failed
 
 # EngineCore methods the front end may call by name (tests, scripts, tooling).
 UTILITY_METHODS = frozenset({"kv_cache_stats", "num_requests", "num_unfinished_requests",
-                             "num_compilations"})
+                             "num_compilations", "pause", "resume", "is_paused", "sleep",
+                             "wake_up", "is_sleeping"})
 
 
 def params_to_dict(params: SamplingParams) -> dict[str, Any]:
@@ -138,12 +145,25 @@ def request_delta(request) -> RequestDelta:
     """In the core: what `request`'s sequences gained since their last message (the counters
     live on the sequences, so a finished request leaves nothing behind)."""
     params = request.params
+    prompt_logprobs = None
+    if request.prompt_logprobs is not None and not request.sent_prompt_logprobs:
+        prompt_logprobs = [_entry(e) for e in request.prompt_logprobs[1:]]
+        request.sent_prompt_logprobs = True
     if request.finished and params.best_of > params.n:  # the n best, renumbered
         seqs = sorted(request.seqs, key=lambda s: -s.cumulative_logprob)[:params.n]
         return RequestDelta(request.request_id, True,
-                            [_delta(s, i, whole=True) for i, s in enumerate(seqs)], replace=True)
+                            [_delta(s, i, whole=True) for i, s in enumerate(seqs)], replace=True,
+                            prompt_logprobs=prompt_logprobs)
     return RequestDelta(request.request_id, request.finished,
-                        [_delta(s, s.index) for s in request.seqs])
+                        [_delta(s, s.index) for s in request.seqs], prompt_logprobs=prompt_logprobs)
+
+
+def _entry(entry: dict[int, Logprob]) -> LogprobsEntry:
+    return [(tid, lp.logprob, lp.rank, lp.decoded_token) for tid, lp in entry.items()]
+
+
+def _logprobs(entry: LogprobsEntry) -> dict[int, Logprob]:
+    return {t: Logprob(lp, rank, text) for t, lp, rank, text in entry}
 
 
 def _delta(seq, index: int, whole: bool = False) -> CompletionDelta:
@@ -151,8 +171,7 @@ def _delta(seq, index: int, whole: bool = False) -> CompletionDelta:
     tokens = seq.token_ids[seq.num_prompt_tokens + sent_tokens:]
     logprobs = None
     if seq.logprobs is not None:
-        logprobs = [[(tid, lp.logprob, lp.rank) for tid, lp in entry.items()]
-                    for entry in seq.logprobs[sent_tokens:]]
+        logprobs = [_entry(entry) for entry in seq.logprobs[sent_tokens:]]
     keep = min(sent_text, len(seq.text))
     seq.sent_tokens, seq.sent_text = seq.num_output_tokens, len(seq.text)
     return CompletionDelta(index, tokens, logprobs, keep, seq.text[keep:],
@@ -169,6 +188,9 @@ class OutputAccumulator:
     def add(self, delta: RequestDelta) -> RequestOutput:
         if delta.replace:
             self._by_index = {}
+        prompt_logprobs = self.output.prompt_logprobs
+        if delta.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [_logprobs(e) for e in delta.prompt_logprobs]
         for d in delta.completions:
             comp = self._by_index.get(d.index)
             if comp is None:
@@ -176,7 +198,7 @@ class OutputAccumulator:
                     d.index, "", [], None, [] if d.logprobs is not None else None)
             comp.token_ids.extend(d.token_ids)
             if d.logprobs is not None:
-                comp.logprobs.extend({t: Logprob(lp, rank) for t, lp, rank in entry} for entry in d.logprobs)
+                comp.logprobs.extend(_logprobs(entry) for entry in d.logprobs)
             comp.text = comp.text[:d.text_keep] + d.text
             comp.cumulative_logprob = d.cumulative_logprob
             comp.finish_reason, comp.stop_reason = d.finish_reason, d.stop_reason
@@ -186,5 +208,5 @@ class OutputAccumulator:
                                     self.output.prompt_token_ids,
                                     [dataclasses.replace(c) for c in sorted(
                                         self._by_index.values(), key=lambda c: c.index)],
-                                    delta.finished)
+                                    delta.finished, prompt_logprobs)
         return self.output

@@ -2,13 +2,19 @@
 
 After each step the engine core hands every sequence that sampled its row of the
 sampler's output; this appends the token, records its logprob (and the top-k asked
-for), extends the text by incremental detokenization, and checks the stop conditions
-in vLLM's order: stop token ids, EOS (unless ignored), stop strings (cut from the text
-unless `include_stop_str_in_output`), then max_tokens and max_model_len. Before
-`min_tokens` no stop condition but the length ones applies. Host only: no jax.
+for), extends the text by incremental detokenization (unless the request has
+`detokenize=False`: then text stays "" and logprobs carry no decoded tokens), and checks
+the stop conditions in vLLM's order: stop token ids, EOS (unless ignored), stop strings
+(cut from the text unless `include_stop_str_in_output`), then max_tokens and
+max_model_len. Before `min_tokens` no stop condition but the length ones applies. It also
+records the prompt logprobs a step computed (`prompt_logprob_rows` says which positions
+a step must compute them for). Host only: no jax.
 """
 from __future__ import annotations
 
+import functools
+
+from jpaged.core.scheduler_output import SchedulerOutput
 from jpaged.core.sequence import Request, Sequence, SequenceStatus
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.sampling_params import SamplingParams
@@ -16,11 +22,46 @@ from jpaged.sampling_params import SamplingParams
 from .detokenizer import detokenize_incrementally
 
 
+def prompt_logprob_rows(batch: SchedulerOutput) -> list[tuple[Sequence, int, int]]:
+    """(sequence, first position, count) of the prompt positions `batch` computes whose
+    logprobs (of the next prompt token) its requests still lack: position j predicts token
+    j + 1, so the last prompt position (it predicts the first output token) has none, and
+    positions computed again after a recompute preemption are not recorded twice."""
+    rows = []
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        recorded = seq.request.prompt_logprobs
+        if recorded is None or not n:
+            continue
+        first = len(recorded) - 1
+        end = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+        if first < end:
+            # no prefix-cache hits for these requests: every position is computed, in order
+            assert seq.num_computed_tokens <= first
+            rows.append((seq, first, end - first))
+    return rows
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
+        # A logprob's decoded_token: the token alone, special tokens kept (as vLLM)
+        self.decode_token = functools.lru_cache(maxsize=1 << 16)(
+            lambda t: tokenizer.decode([t], skip_special_tokens=False))
+
+    def _entry(self, token: int, logprob: float, rank: int | None, top_ids, top_logprobs,
+               detokenize: bool) -> dict[int, Logprob]:
+        """A position's logprobs: `token`'s, then the top ones (ranks 1..k; a top token that
+        is `token` gets its rank there)."""
+        entry = {token: Logprob(logprob, rank)}
+        for rank, (tid, lp) in enumerate(zip(top_ids, top_logprobs), 1):
+            entry.setdefault(int(tid), Logprob(float(lp)))
+            entry[int(tid)].rank = rank
+        if detokenize:
+            for tid, lp in entry.items():
+                lp.decoded_token = self.decode_token(tid)
+        return entry
 
     def append_token(self, seq: Sequence, out, row: int) -> None:
         """Append row `row` of the sampler output `out` to `seq`; finish it if it stops."""
@@ -29,15 +70,13 @@ class OutputProcessor:
         seq.token_ids.append(token)
         seq.cumulative_logprob += float(out.logprobs[row])
         if seq.logprobs is not None:
-            entry = {token: Logprob(float(out.logprobs[row]))}
-            top = zip(out.top_ids[row][:params.logprobs], out.top_logprobs[row][:params.logprobs]) \
-                if params.logprobs else ()
-            for rank, (tid, lp) in enumerate(top, 1):
-                entry.setdefault(int(tid), Logprob(float(lp)))
-                entry[int(tid)].rank = rank
-            seq.logprobs.append(entry)
-        seq.text += detokenize_incrementally(self.tokenizer, seq.output_token_ids, seq.detok_state,
-                                             params.skip_special_tokens)
+            k = params.logprobs
+            seq.logprobs.append(self._entry(
+                token, float(out.logprobs[row]), None, out.top_ids[row][:k] if k else (),
+                out.top_logprobs[row][:k] if k else (), params.detokenize))
+        if params.detokenize:
+            seq.text += detokenize_incrementally(self.tokenizer, seq.output_token_ids,
+                                                 seq.detok_state, params.skip_special_tokens)
         n_out = seq.num_output_tokens
         if n_out >= params.min_tokens:
             if token in params.stop_token_ids:
@@ -61,6 +100,21 @@ class OutputProcessor:
                 return True
         return False
 
+    def append_prompt_logprobs(self, rows: list[tuple[Sequence, int, int]], out) -> None:
+        """Record a step's prompt logprobs (`PromptLogprobs`, one row per position of `rows`,
+        in order) on the requests."""
+        i = 0
+        for seq, first, count in rows:
+            request = seq.request
+            assert len(request.prompt_logprobs) == first + 1
+            k = request.params.prompt_logprobs
+            for j in range(i, i + count):
+                token = seq.token_ids[first + 1 + j - i]
+                request.prompt_logprobs.append(self._entry(
+                    token, float(out.token_logprobs[j]), int(out.token_ranks[j]), out.top_ids[j][:k],
+                    out.top_logprobs[j][:k], request.params.detokenize))
+            i += count
+
     @staticmethod
     def request_output(request: Request) -> RequestOutput:
         """The request's outputs so far; a finished `best_of > n` request keeps its n
@@ -73,7 +127,7 @@ class OutputProcessor:
                                  s.logprobs, s.finish_reason, s.stop_reason)
                 for i, s in enumerate(seqs)]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             request.finished)
+                             request.finished, request.prompt_logprobs)
 
 
 def finish(seq: Sequence, reason: str, stop_reason=None) -> None:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from jpaged.engine.beam_search import run_beam_search
 from jpaged.engine.engine_core import EngineCore
 from jpaged.engine.input_processor import PromptType
-from jpaged.exceptions import InvalidRequestError
+from jpaged.exceptions import EngineStateError, InvalidRequestError
 from jpaged.outputs import BeamSearchOutput, RequestOutput
 from jpaged.sampling_params import BeamSearchParams, SamplingParams
 
@@ -21,13 +21,18 @@ from jpaged.sampling_params import BeamSearchParams, SamplingParams
 class LLM(EngineCore):
     """The engine. `model`: None (the embedded SmolLM2-135M-Instruct), a path to a Hugging
     Face folder or a .gguf file, or an in-memory Flax model (then pass `params=` and
-    `tokenizer=`). Other keyword arguments: `EngineConfig` fields."""
+    `tokenizer=`). Other keyword arguments: `EngineConfig` fields.
+
+    Between calls a research pipeline may swap the weights (`get_weights`,
+    `update_weights`), free the memory while it trains (`sleep`, `wake_up`) and, with
+    requests left in flight by `add_request`, `pause` / `resume` (EngineCore's)."""
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order. Without
         `sampling_params`, `default_sampling_params()` (the model's generation config)."""
+        self._check_can_generate()
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -48,6 +53,24 @@ class LLM(EngineCore):
                 self.abort_request(request_id)
             raise
         return self._run_to_completion(ids, use_tqdm)
+
+    def _check_can_generate(self) -> None:
+        if self.sleep_level:
+            raise EngineStateError("the engine is asleep: call wake_up() first")
+        if self.paused or self._pausing:
+            raise EngineStateError("the engine is paused: call resume() first")
+
+    def pause(self, mode: str = "wait") -> list[RequestOutput]:
+        """Pause generation (`EngineCore.pause_requests`'s modes); with mode "wait" it runs
+        the requests in flight to the end here. Returns the final outputs of the requests
+        it aborted or finished."""
+        done = {r.request_id: self.output_processor.request_output(r)
+                for r in self.pause_requests(mode)}
+        while self._pausing:
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return list(done.values())
 
     def _run_to_completion(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
@@ -80,4 +103,5 @@ class LLM(EngineCore):
                     ) -> list[BeamSearchOutput]:
         """Beam search (vLLM's shape): one `BeamSearchOutput` per prompt whose `sequences`
         are the beams, best first. See `jpaged.engine.beam_search`."""
+        self._check_can_generate()
         return run_beam_search(self, prompts, params)

@@ -40,6 +40,9 @@ class LoadedModel:
     tokenizer: Any
     path: str | None  # the file or folder loaded; None for an in-memory model
     generation_config: dict[str, Any]  # SamplingParams defaults the model's files set
+    # The config of the weights as callers hold them (`runner.weights`); under tensor
+    # parallelism `config` is the one the devices run (KV heads repeated). None: `config`.
+    weights_config: ModelConfig | None = None
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -154,4 +157,4 @@ def _split(module, backend, params, config, tokenizer, path, generation_config, 
         params = jax.device_put(params, parallel.param_shardings(params, mesh))
     backend = ShardedBackend(backend, mesh)
     module = module.clone(config=run, backend=backend, tensor_parallel=size)
-    return LoadedModel(module, backend, params, run, tokenizer, path, generation_config)
+    return LoadedModel(module, backend, params, run, tokenizer, path, generation_config, config)

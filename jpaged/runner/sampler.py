@@ -3,8 +3,11 @@ docs/design.md, "Sampling").
 
 Semantics follow vLLM: penalties on the logits, then temperature, then top-k, top-p and
 min-p filtering, then one categorical draw per row. Greedy rows (temperature < 1e-5) take
-the argmax of the penalized logits and ignore the filters. Logprobs are "raw": log_softmax
-of the logits as the model produced them.
+the argmax of the penalized logits and ignore the filters. Logprobs follow the mode's
+`logprobs_mode` (vLLM's): raw_logprobs (log_softmax of the logits as the model produced
+them), raw_logits, and processed_logprobs / processed_logits, the same after the processing
+above (greedy rows: penalties only; filtered tokens -inf, the sampled token always finite).
+`token_logprobs` gives prompt logprobs (always raw).
 
 Randomness is one uniform per row from `fold_in(key(seed), step)`, so a request's tokens do
 not depend on the batch it is in. The draw is an inverse CDF, done in two levels (blocks of
@@ -24,7 +27,7 @@ from jax import lax
 
 from jpaged.sampling_params import GREEDY_EPS
 
-from .sampling_tensors import SamplerMode, SamplerOutput, SamplingTensors
+from .sampling_tensors import PromptLogprobs, SamplerMode, SamplerOutput, SamplingTensors
 
 CANDIDATES = 128    # rows whose filters keep at most this many tokens take the fast path
 BLOCK = 256         # block length of the two-level inverse CDF
@@ -240,6 +243,75 @@ def _sample_rows(pen, m_pen, greedy, greedy_tok, temp, t: SamplingTensors):
     return jnp.where(greedy, greedy_tok, tokens)
 
 
+def _threshold(srt, ms, z, t, V):
+    """The smallest scaled logit the filters keep, per row, from the row's largest values
+    `srt` f32[B, n] (descending; n = V: the whole row): the same cuts as the draw's (top-k
+    keeps ties with its k-th value; top-p on the top-k mass, keeping ties; min-p against
+    the most likely). ms: row max; z: sum over the vocabulary of exp(s - ms). Also whether
+    the values decide it (the cut lies inside them)."""
+    B, n = srt.shape
+    k_on, k, p, p_on, min_p = _filter_params(t, V)
+    e = jnp.exp(srt - ms[:, None])
+    kth = jnp.take_along_axis(srt, (jnp.minimum(k, n) - 1)[:, None], 1)[:, 0]
+    k_inside = (k <= n) & ((n == V) | (srt[:, -1] < kth))
+    ek = jnp.where(srt >= kth[:, None], e, 0.0)
+    zk = jnp.where(k_on, jnp.sum(ek, axis=-1), z)
+    ex = jnp.cumsum(ek, axis=-1) - ek
+    first = lax.broadcasted_iota(jnp.int32, srt.shape, 1) == 0
+    tau_p = jnp.min(jnp.where((ex < (p * zk)[:, None]) | first, srt, jnp.inf), axis=-1)
+    tm = jnp.min(jnp.where(e >= jnp.minimum(min_p, 1.0)[:, None], srt, jnp.inf), axis=-1)
+    none = jnp.full((B,), -jnp.inf)
+    thr = jnp.maximum(jnp.maximum(jnp.where(k_on, kth, none), jnp.where(p_on, tau_p, none)),
+                      jnp.where(min_p > 0, tm, none))
+    return thr, (n == V) | ((k_inside | ~k_on) & (thr > srt[:, -1]))
+
+
+def _filter_cut(s, ms, filtered, t):
+    """Per row, the smallest scaled logit s f32[B, V] the filters keep (-inf for rows not
+    `filtered`): from the top CANDIDATES values when the cut lies inside them, else from the
+    sorted row (exact either way)."""
+    B, V = s.shape
+    z = jnp.sum(jnp.exp(s - ms[:, None]), axis=-1)
+
+    def cut():
+        thr, exact = _threshold(_top_k(s, min(V, CANDIDATES))[0], ms, z, t, V)
+        return lax.cond(jnp.all(exact | ~filtered), lambda: thr,
+                        lambda: _threshold(-jnp.sort(-s, axis=-1), ms, z, t, V)[0])
+    thr = lax.cond(jnp.any(filtered), cut, lambda: jnp.full((B,), -jnp.inf))
+    return jnp.where(filtered, thr, -jnp.inf)
+
+
+def _logprob_values(logits, lse, pen, m_pen, greedy, temp, tokens, t: SamplingTensors, mode):
+    """What the logprobs are made of in `mode.logprobs_mode`: (values f32[B, V], norm f32[B]),
+    a token's logprob being values - norm. The processed modes use the scaled logits the draw
+    used (greedy rows: the penalized ones), filtered tokens -inf; the sampled token is always
+    kept (the draw's candidate sums may round a cut-off differently by an ulp). Rows in
+    `t.raw_rows` keep raw logprobs."""
+    kind = mode.logprobs_mode
+    if kind == "raw_logprobs":
+        return logits, lse
+    norm = jnp.zeros_like(lse)
+    if kind == "raw_logits":
+        values = logits
+    else:
+        V = logits.shape[1]
+        inv_t = 1.0 / jnp.where(greedy, 1.0, temp)
+        s = pen * inv_t[:, None]
+        ms = m_pen * inv_t
+        ms = jnp.where(jnp.isfinite(ms), ms, 0.0)
+        k_on, _, _, p_on, min_p = _filter_params(t, V)
+        thr = _filter_cut(s, ms, ~greedy & (k_on | p_on | (min_p > 0)), t)
+        keep = (s >= thr[:, None]) | (lax.broadcasted_iota(jnp.int32, s.shape, 1) == tokens[:, None])
+        values = jnp.where(keep, s, -jnp.inf)
+        if kind == "processed_logprobs":
+            norm = ms + jnp.log(jnp.sum(jnp.where(keep, jnp.exp(s - ms[:, None]), 0.0), axis=-1))
+    if t.raw_rows is not None:
+        raw = t.raw_rows.astype(bool)
+        values = jnp.where(raw[:, None], logits, values)
+        norm = jnp.where(raw, lse, norm)
+    return values, norm
+
+
 def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerOutput:
     """Sample one token per row of logits f32[B, V]; see the module docstring. Whether any
     row samples, and whether any filters, is decided at run time (`lax.cond`), so one
@@ -256,9 +328,21 @@ def sample(logits: jax.Array, t: SamplingTensors, mode: SamplerMode) -> SamplerO
     tokens = lax.cond(jnp.all(greedy), lambda: greedy_tok,
                       lambda: _sample_rows(pen, m_pen, greedy, greedy_tok, temp, t))
     tokens = tokens.astype(jnp.int32)
-    lp = jnp.take_along_axis(logits, tokens[:, None], 1)[:, 0] - lse
+    values, norm = _logprob_values(logits, lse, pen, m_pen, greedy, temp, tokens, t, mode)
+    lp = jnp.take_along_axis(values, tokens[:, None], 1)[:, 0] - norm
     top_ids = top_lp = None
     if K:
-        tv, top_ids = _top_k(logits, K)
-        top_lp = tv - lse[:, None]
+        tv, top_ids = _top_k(values, K)
+        top_lp = tv - norm[:, None]
     return SamplerOutput(tokens, lp, top_ids, top_lp)
+
+
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int) -> PromptLogprobs:
+    """Raw logprobs of rows of logits f32[M, V] (prompt positions): of `token_ids` i32[M]
+    (each row's next prompt token), with its rank, and the top `num_logprobs` (static)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    x = jnp.take_along_axis(logits, token_ids[:, None], 1)
+    ranks = jnp.sum(logits >= x, axis=-1, dtype=jnp.int32)
+    tv, top_ids = _top_k(logits, num_logprobs)
+    return PromptLogprobs(x[:, 0] - lse, ranks, top_ids, tv - lse[:, None])

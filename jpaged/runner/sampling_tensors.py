@@ -1,6 +1,7 @@
 """What the sampler reads and returns: per-row sampling parameters (built here on the host,
 as numpy arrays padded to the sampler's rows), the static mode that picks the compiled
-sampler variant, how many rows it runs at, and the sampled tokens with their logprobs."""
+sampler variant, how many rows it runs at, and the sampled tokens with their logprobs (and
+the step's prompt logprobs, `PromptLogprobs`)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -25,12 +26,26 @@ class SamplingTensors(NamedTuple):
     output_counts: jax.Array | None = None  # f32[B, V]
     prompt_mask: jax.Array | None = None    # bool[B, V]
     banned: jax.Array | None = None         # bool[B, V]: tokens a row may not sample (min_tokens)
+    # bool[B]: rows whose logprobs stay raw_logprobs whatever the mode (beam search, which
+    # ranks by them); present with any logprobs_mode but raw_logprobs
+    raw_rows: jax.Array | None = None
 
 
 class SamplerMode(NamedTuple):
-    """What changes the sampler's shapes; greedy, sampled and filtered rows are all run-time."""
+    """What changes the sampler's shapes or code; greedy, sampled and filtered rows are all
+    run-time."""
     use_penalties: bool  # [B, V] penalty tensors (penalties, or rows short of min_tokens)
     num_logprobs: int    # top logprobs returned per row (0: only the sampled token's)
+    logprobs_mode: str = "raw_logprobs"  # what the logprobs hold (EngineConfig.logprobs_mode)
+
+
+class PromptLogprobs(NamedTuple):
+    """Raw logprobs at prompt positions, one row per position asked for: of the prompt token
+    that follows it, and the top K there."""
+    token_logprobs: jax.Array  # f32[M]
+    token_ranks: jax.Array     # i32[M]: 1 + the tokens more likely (ties count, as vLLM)
+    top_ids: jax.Array         # i32[M, K]
+    top_logprobs: jax.Array    # f32[M, K]
 
 
 class SamplerOutput(NamedTuple):
@@ -38,19 +53,22 @@ class SamplerOutput(NamedTuple):
     logprobs: jax.Array             # f32[B]
     top_ids: jax.Array | None       # i32[B, K]
     top_logprobs: jax.Array | None  # f32[B, K]
+    # the step's prompt logprobs (`ModelRunner.execute`'s `prompt_rows`, in their order)
+    prompt_logprobs: PromptLogprobs | None = None
 
 
-def sampler_mode(params: list[SamplingParams], in_min_tokens: bool, max_logprobs: int) -> SamplerMode:
+def sampler_mode(params: list[SamplingParams], in_min_tokens: bool, max_logprobs: int,
+                 logprobs_mode: str = "raw_logprobs") -> SamplerMode:
     """The compiled sampler variant a batch of requests needs. `in_min_tokens`: some row is
     still short of its min_tokens (EOS and stop tokens banned: the penalty path)."""
     want = any(p.logprobs for p in params)  # logprobs=0: only the sampled token's
     return SamplerMode(use_penalties=any(p.uses_penalties for p in params) or in_min_tokens,
-                       num_logprobs=max_logprobs if want else 0)
+                       num_logprobs=max_logprobs if want else 0, logprobs_mode=logprobs_mode)
 
 
-def sampler_modes(max_logprobs: int) -> list[SamplerMode]:
+def sampler_modes(max_logprobs: int, logprobs_mode: str = "raw_logprobs") -> list[SamplerMode]:
     """Every mode a request can need."""
-    return [SamplerMode(pen, lp) for pen in (False, True) for lp in (0, max_logprobs)]
+    return [SamplerMode(pen, lp, logprobs_mode) for pen in (False, True) for lp in (0, max_logprobs)]
 
 
 def sampler_rows(num_rows: int, mode: SamplerMode, max_rows: int) -> int:
@@ -68,10 +86,12 @@ def sampler_rows(num_rows: int, mode: SamplerMode, max_rows: int) -> int:
     return min(1 << (num_rows - 1).bit_length(), max_rows)
 
 
-def batch_sampler_mode(batch: SchedulerOutput, max_logprobs: int) -> SamplerMode:
+def batch_sampler_mode(batch: SchedulerOutput, max_logprobs: int,
+                       logprobs_mode: str = "raw_logprobs") -> SamplerMode:
     """The mode a scheduled batch needs (`sampler_mode` of its requests)."""
     in_min_tokens = any(seq.num_output_tokens < seq.request.params.min_tokens for seq in batch.seqs)
-    return sampler_mode([s.request.params for s in batch.seqs], in_min_tokens, max_logprobs)
+    return sampler_mode([s.request.params for s in batch.seqs], in_min_tokens, max_logprobs,
+                        logprobs_mode)
 
 
 def dummy_sampling_tensors(num_rows: int, vocab_size: int, mode: SamplerMode) -> SamplingTensors:
@@ -85,7 +105,8 @@ def dummy_sampling_tensors(num_rows: int, vocab_size: int, mode: SamplerMode) ->
                            z(num_rows, np.int32),
                            z((num_rows, vocab_size), np.float32) if pen else None,
                            z((num_rows, vocab_size), np.bool_) if pen else None,
-                           z((num_rows, vocab_size), np.bool_) if pen else None)
+                           z((num_rows, vocab_size), np.bool_) if pen else None,
+                           z(num_rows, np.bool_) if mode.logprobs_mode != "raw_logprobs" else None)
 
 
 def build_sampling_tensors(batch: SchedulerOutput, num_rows: int, vocab_size: int,
@@ -122,5 +143,9 @@ def build_sampling_tensors(batch: SchedulerOutput, num_rows: int, vocab_size: in
         if use_penalties:
             np.add.at(counts[b], np.asarray(seq.output_token_ids, np.int64), 1.0)
             prompt_mask[b, seq.token_ids[:seq.num_prompt_tokens]] = True
+    raw_rows = None
+    if mode.logprobs_mode != "raw_logprobs":  # beam search ranks by raw logprobs
+        raw_rows = np.zeros(num_rows, np.bool_)
+        raw_rows[:len(batch.seqs)] = [seq.request.beam is not None for seq in batch.seqs]
     return SamplingTensors(temperature, top_k, top_p, min_p, rep, presence, frequency, seed, step,
-                           counts, prompt_mask, banned)
+                           counts, prompt_mask, banned, raw_rows)

@@ -1,6 +1,7 @@
-"""`scripts/reproduce_paper.py --quick` on the tiny model: every figure's data and PNG, the
-budget holding the paper's ratio, a resumed run measuring nothing again; and the online
-replay's sustained-rate interpolation."""
+"""`scripts/reproduce_paper.py --quick` on the tiny model: every figure's data and PNG (the
+whole run behind -m slow; figs 14 and 18a by default), the budget holding the paper's
+ratio, a resumed run measuring nothing again; and the online replay's sustained-rate
+interpolation."""
 from __future__ import annotations
 
 import json
@@ -33,13 +34,41 @@ def test_budget_keeps_the_papers_ratio_of_pool_to_mean_request():
     assert b["kv_cache_memory"] == b["pool_tokens"] * 2 * 3 * 2 * 16 * 4  # K+V, 3 layers, 2 heads of 16, f32
 
 
-def test_reproduce_paper_quick(tiny_text_model, tmp_path):
+def check_fig14(res) -> None:
+    assert {(r["mode"], r["enable_block_sharing"]) for r in res["fig14"]} == {
+        (m, s) for m in ("parallel", "beam") for s in (True, False)}
+    unshared = {r["mode"]: r["blocks_copied"] for r in res["fig14"] if not r["enable_block_sharing"]}
+    shared = {r["mode"]: r["blocks_copied"] for r in res["fig14"] if r["enable_block_sharing"]}
+    assert unshared["parallel"] > shared["parallel"]  # without sharing a fork copies every block
+
+
+def run_quick(model: str, tmp_path, figures: str):
+    """scripts/reproduce_paper.py --quick for `figures`: (its out folder, the command,
+    results.json)."""
     pytest.importorskip("matplotlib")
     out = tmp_path / "points"
     cmd = [sys.executable, str(REPO / "scripts" / "reproduce_paper.py"), "--quick", "--model",
-           tiny_text_model, "--out", str(out), "--only", "fig2,fig12,fig14,fig18a,fig18b,fig19"]
+           model, "--out", str(out), "--only", figures]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
-    res = json.loads((out / "results.json").read_text())
+    return out, cmd, json.loads((out / "results.json").read_text())
+
+
+def test_reproduce_paper_quick_fig14_and_fig18a(tiny_text_model, tmp_path):
+    """The two cheap figures (about 30 s), and a resumed run measuring nothing again; the
+    whole --quick run (about 9 minutes on 2 cores) is behind -m slow."""
+    out, cmd, res = run_quick(tiny_text_model, tmp_path, "fig14,fig18a")
+    check_fig14(res)
+    assert res["fig18a"]["points"]
+    assert (out / "fig14_sharing.png").stat().st_size > 5000
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "results.json"}
+    assert before
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "results.json"} == before
+
+
+@pytest.mark.slow
+def test_reproduce_paper_quick(tiny_text_model, tmp_path):
+    out, cmd, res = run_quick(tiny_text_model, tmp_path, "fig2,fig12,fig14,fig18a,fig18b,fig19")
     assert set(res["fig2"]) == set(paper.POLICIES)
     for policy, shares in res["fig2"].items():
         assert sum(shares.values()) == pytest.approx(1.0), policy
@@ -59,11 +88,7 @@ def test_reproduce_paper_quick(tiny_text_model, tmp_path):
                 fig["offline"]["paged"]["output_tokens_per_s"] / fig["offline"][policy]["output_tokens_per_s"])
         assert res["budgets"][kind]["pool_to_request_ratio"] == pytest.approx(
             paper.PAPER_POOL_TOKENS / paper.PAPER_MEAN_REQUEST_TOKENS[kind])
-    assert {(r["mode"], r["enable_block_sharing"]) for r in res["fig14"]} == {
-        (m, s) for m in ("parallel", "beam") for s in (True, False)}
-    unshared = {r["mode"]: r["blocks_copied"] for r in res["fig14"] if not r["enable_block_sharing"]}
-    shared = {r["mode"]: r["blocks_copied"] for r in res["fig14"] if r["enable_block_sharing"]}
-    assert unshared["parallel"] > shared["parallel"]  # without sharing a fork copies every block
+    check_fig14(res)
     assert [c["block_size"] for c in res["fig18b"]["sharegpt"]] == [16, 32]
     assert res["fig18a"]["points"]
     micro = res["fig19"]["micro"][0]

@@ -28,6 +28,9 @@ PARAMS = [
     SamplingParams(temperature=0, max_tokens=40, stop=["e", " the"], ignore_eos=True),
     SamplingParams(temperature=0.7, max_tokens=20, stop=["a"], include_stop_str_in_output=True,
                    seed=3, logprobs=0),
+    SamplingParams(temperature=0, max_tokens=4, logprobs=1, prompt_logprobs=2, detokenize=False),
+    SamplingParams(temperature=0.9, n=2, best_of=3, max_tokens=3, seed=4, logprobs=1,
+                   prompt_logprobs=0),
 ]
 
 
@@ -55,6 +58,19 @@ def test_deltas_rebuild_what_llm_step_gives(tiny_llm):
     assert outs["r3"].outputs[0].finish_reason == "stop"
     assert [c.index for c in outs["r2"].outputs] == [0, 1]
     assert len(outs["r1"].outputs[0].logprobs) == len(outs["r1"].outputs[0].token_ids)
+    # prompt logprobs (once per request, with decoded tokens unless detokenize=False, which
+    # leaves the text empty)
+    for rid in ("r5", "r6"):
+        plp, ids = outs[rid].prompt_logprobs, outs[rid].prompt_token_ids
+        assert len(plp) == len(ids) and plp[0] is None
+        assert all(ids[j] in plp[j] for j in range(1, len(ids)))
+    no_text = outs["r5"].outputs[0]
+    assert no_text.text == "" and len(no_text.token_ids) == 4
+    assert all(lp.decoded_token is None for e in outs["r5"].prompt_logprobs[1:] + no_text.logprobs
+               for lp in e.values())
+    assert outs["r6"].prompt_logprobs[1][outs["r6"].prompt_token_ids[1]].decoded_token
+    assert all(lp.decoded_token is not None for c in outs["r6"].outputs for e in c.logprobs
+               for lp in e.values())
 
 
 def test_requests_and_errors_cross_the_boundary():
@@ -69,3 +85,22 @@ def test_requests_and_errors_cross_the_boundary():
         assert type(back) is type(error) and str(back) == str(error)
         assert getattr(back, "param", None) == getattr(error, "param", None)
     assert isinstance(rebuild_error(RequestError("a", "ValueError", "no", None)), ValueError)
+
+
+def test_async_engine_carries_prompt_logprobs(tiny_llm):
+    """The in-process engine (`AsyncEngine`, which owns the LLM from here on) streams the
+    same prompt logprobs as `LLM.generate`."""
+    import asyncio
+
+    from jpaged.engine.async_engine import AsyncEngine
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    want = tiny_llm.generate(["a prompt about the sea"], params, use_tqdm=False)[0].prompt_logprobs
+    engine = AsyncEngine(tiny_llm)
+
+    async def run():
+        return [out async for out in engine.generate("a prompt about the sea", params)]
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert outs[-1].finished and all(out.prompt_logprobs == want for out in outs)

@@ -131,6 +131,48 @@ def test_stop_string_is_cut(client):
     assert streamed == want
 
 
+def test_echo_logprobs_cover_the_prompt_and_prompt_logprobs(client, tiny_server):
+    """echo + logprobs: the prompt's tokens come first (the first one null), from the
+    engine's prompt logprobs, offsets running through the echoed text, streamed or not;
+    vLLM's `prompt_logprobs` field (per choice in completions, on a chat response), through
+    the engine's own process."""
+    kw = dict(model="tiny", prompt="The quick brown fox", max_tokens=3, temperature=0,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw, logprobs=2).choices[0].logprobs
+    r = client.completions.create(**kw, logprobs=2, echo=True)
+    choice, lp, P = r.choices[0], r.choices[0].logprobs, r.usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == P + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(t) >= 2 for t in lp.top_logprobs[1:])
+    assert lp.tokens[P:] == plain.tokens and lp.token_logprobs[P:] == pytest.approx(plain.token_logprobs)
+    assert "".join(lp.tokens) == choice.text
+    offsets = [0]
+    for token in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert lp.text_offset == offsets
+    chunks = list(client.completions.create(**kw, logprobs=2, echo=True, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((x.tokens for x in streamed), []) == lp.tokens
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+    ids = httpx.post(tiny_server.url + "/tokenize", json={"prompt": kw["prompt"]}).json()["tokens"]
+    body = {"model": "tiny", "prompt": kw["prompt"], "max_tokens": 1, "prompt_logprobs": 1}
+    plp = httpx.post(tiny_server.url + "/v1/completions", json=body).json()["choices"][0]
+    plp = plp["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids) == P
+    for j in range(1, P):
+        own = plp[j][str(ids[j])]
+        assert own["logprob"] == pytest.approx(lp.token_logprobs[j], abs=1e-5) and own["rank"] >= 1
+        assert own["decoded_token"] == lp.tokens[j]
+        assert any(e["rank"] == 1 for e in plp[j].values())
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+            "prompt_logprobs": 0}
+    chat = httpx.post(tiny_server.url + "/v1/chat/completions", json=body).json()
+    plp = chat["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == chat["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in plp[1:])
+
+
 # ---- load: 32 concurrent streaming clients ---------------------------------------------------
 
 
@@ -204,6 +246,10 @@ BAD = [  # (path, body, status, words in the message, param)
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": "x", "n": 50}, 400, "n and best_of", "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "log-probabilities", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "prompt_logprobs": 99}, 400, "log-probabilities",
+     "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 1,
+                              "stream": True}, 400, "stream", "prompt_logprobs"),
     ("/v1/completions", {"prompt": [123456789]}, 400, "outside the vocabulary", "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "empty", "prompt"),
     ("/v1/completions", {"prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens", "min_tokens"),

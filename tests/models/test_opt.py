@@ -80,19 +80,23 @@ def test_greedy_tokens_and_logprobs_match_transformers(opt):
     if module.packed_weights:  # the CPU's default where the C++ kernel builds
         assert llm.params["embed_tokens"]["embedding"].ndim == 3  # the tied head, in panels
     prompts = [[(7 * i + 3 * j) % (VOCAB - 4) + 4 for j in range(n)] for i, n in enumerate(PROMPT_LENS)]
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5,
+                            prompt_logprobs=2)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         got = out.outputs[0]
         assert got.token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
-        # The top-5 log-probabilities at every generated position, against one full forward.
+        # The top-5 log-probabilities at every generated position (and the prompt logprobs,
+        # through the model's head on the step's hidden states), against one full forward.
         with torch.no_grad():
             logits = hf(input_ids=torch.tensor([prompt + got.token_ids])).logits[0]
-        ref = torch.log_softmax(logits[len(prompt) - 1:-1].double(), dim=-1).numpy()
-        for step, top in enumerate(got.logprobs):
+        ref = torch.log_softmax(logits[:-1].double(), dim=-1).numpy()
+        entries = out.prompt_logprobs[1:] + got.logprobs
+        assert len(entries) == len(ref) and out.prompt_logprobs[0] is None
+        for step, top in enumerate(entries):
             ids = list(top)
             np.testing.assert_allclose([top[i].logprob for i in ids], ref[step, ids], atol=2e-4,
-                                       err_msg=f"{kind}, prompt of {len(prompt)}, step {step}")
+                                       err_msg=f"{kind}, prompt of {len(prompt)}, position {step}")
     assert llm.block_manager.num_used_blocks == 0
 
 

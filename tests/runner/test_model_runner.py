@@ -55,6 +55,10 @@ def test_no_compilation_after_warmup(tmp_path):
     assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
     for prompt, p in zip(prompts[:4], params[4:8]):  # alone: single-row steps
         llm.generate([prompt], p, use_tqdm=False)
+    # prompt logprobs (their own executable per prefill bucket), a prompt in two chunks
+    out = llm.generate([rng.integers(3, 500, 100).tolist(), prompts[0]],
+                       SamplingParams(max_tokens=2, prompt_logprobs=3), use_tqdm=False)
+    assert [len(o.prompt_logprobs) for o in out] == [100, len(prompts[0])]
     assert llm.num_compilations() == before
 
 

@@ -1,7 +1,8 @@
 """Tensor parallelism (`tensor_parallel_size`): layouts that split and those that are
 refused, and, on 4 CPU devices (a subprocess: the device count is fixed when jax starts),
 the same greedy tokens, samples and beams at 1, 2 and 4 devices, a pool whose shards hold
-only their KV heads, updated in place."""
+only their KV heads, updated in place, and weights taken out and put back in place
+(`get_weights` / `update_weights`) resharded."""
 from __future__ import annotations
 
 import json
@@ -62,7 +63,9 @@ WORKER = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {tests!r})
     import jax
+    import numpy as np
     import jpaged
+    from jpaged.models.loader import load_params
     from helpers import NoTokenizer
     rng_prompts = [[1] + [(7 * i + 3) % 500 for i in range(40)],  # chunked: 16-token steps
                    [1, 44, 45], [1, 44, 45, 46, 200]]
@@ -86,6 +89,14 @@ WORKER = textwrap.dedent("""
                 temperature=0, n=2, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
             beams = llm.beam_search([{{"prompt_token_ids": rng_prompts[2]}}],
                                     jpaged.BeamSearchParams(beam_width=2, max_tokens=6))[0]
+            # weights out and back in, resharded into place: the same numbers, no compile
+            canonical = load_params({path!r}, llm.weights.config)
+            got = llm.get_weights()
+            weights_equal = jax.tree_util.tree_all(jax.tree_util.tree_map(
+                lambda a, b: bool((np.asarray(a) == b).all()), got, canonical))
+            compiles = llm.num_compilations()
+            llm.update_weights(got)
+            roundtrip = [r.outputs[0].token_ids for r in llm.generate(rng_prompts, greedy, use_tqdm=False)]
             k = llm.runner.kv_pool[0]
             mem = llm.runner.step_memory_analysis((16, 4, 16, 8)) if tp == 2 else None
             stats = llm.kv_cache_stats()
@@ -98,7 +109,9 @@ WORKER = textwrap.dedent("""
                 kv_heads=llm.model_config.num_kv_heads, pool_bytes=stats["pool_bytes"],
                 pool_bytes_per_device=stats["pool_bytes_per_device"],
                 weight_bytes_per_device=stats["weight_bytes_per_device"],
-                temp=mem and mem.temp_size_in_bytes, alias=mem and mem.alias_size_in_bytes)
+                temp=mem and mem.temp_size_in_bytes, alias=mem and mem.alias_size_in_bytes,
+                weights_equal=weights_equal, roundtrip=roundtrip,
+                update_compiles=llm.num_compilations() - compiles)
             del llm
         if {restart!r}:
             restarted = make(backend, 2, {cache!r})
@@ -131,6 +144,9 @@ def check_same_tokens(results: dict, backends) -> None:
         for field in ("greedy", "hit", "samples", "beams"):
             assert r[field] == base[field], (key, field)
         assert r["hit_rate"] > 0, key  # the second shared prompt reused the cached blocks
+        # get_weights gives the loaded numbers back; update_weights takes them back in place
+        assert r["weights_equal"] and r["roundtrip"] == base["greedy"], key
+        assert r["update_compiles"] == 0, key
 
 
 @pytest.mark.parametrize("backends,restart", [(("cpu",), False),

@@ -211,3 +211,43 @@ def test_padding_rows_never_nan():
     assert ((tok >= 0) & (tok < V)).all()
     assert not np.isnan(np.asarray(out.logprobs)[:7]).any()  # row 7 is all -inf
     assert not np.isnan(np.asarray(out.top_logprobs)[:7]).any()
+
+
+def test_processed_logprobs_match_reference():
+    """The values the draw used (penalties, then temperature and the filters; greedy rows
+    penalties only), filtered tokens -inf, the sampled token always finite, over the
+    candidate path and the exact (sorted) one. Rows in `raw_rows` (beam search) keep raw
+    logprobs. (raw_logits and processed_logits: tests/engine/test_eval_outputs.py.)"""
+    kind = "processed_logprobs"
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((B, V)) * 3).astype(np.float32)
+    T = np.array([0, 0.7, 1.3, 0.9, 1, 0.5, 1.0, 0.8])
+    k = np.array([0, 0, 3, 0, 0, 3, 50, 2])  # 50: beyond the 4 candidates (the sort)
+    p = np.array([1, 1, 1, 0.8, 1, 0.9, 0.95, 1])
+    mp = np.array([0, 0, 0, 0, 0.1, 0.05, 0, 0.2])
+    counts = rng.integers(0, 3, (B, V)) * (rng.random((B, V)) < 0.1)
+    prompt = rng.random((B, V)) < 0.05
+    rep, pres, freq = rng.uniform(0.8, 1.5, B), rng.uniform(-1, 1, B), rng.uniform(-1, 1, B)
+    t = tensors(B, V, T, top_k=k, top_p=p, min_p=mp, rep=rep, pres=pres, freq=freq, counts=counts,
+                prompt=prompt)
+    raw_rows = np.zeros(B, bool)
+    raw_rows[0] = True
+    t = t._replace(raw_rows=jnp.asarray(raw_rows))
+    out = run(jnp.asarray(logits), t, SamplerMode(True, 4, kind), CFG)
+    pen = np_penalize(logits, counts, prompt, rep, pres, freq)
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lsm = x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+    for b in range(B):
+        tok = int(out.token_ids[b])
+        if b == 0:  # a raw row
+            values = lsm[b]
+        else:
+            s = pen[b] / (T[b] if T[b] > 0 else 1.0)
+            keep = np_keep(s, k[b], p[b], mp[b]) if T[b] > 0 else np.ones(V, bool)
+            assert keep[tok], b
+            values = np.where(keep, s, -np.inf)
+            values = values - (s[keep].max() + np.log(np.exp(s[keep] - s[keep].max()).sum()))
+        assert np.isfinite(out.logprobs[b])
+        np.testing.assert_allclose(out.logprobs[b], values[tok], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(out.top_logprobs[b], np.sort(values)[::-1][:4], rtol=1e-5, atol=1e-4)

@@ -8,14 +8,15 @@ warm-up is done), /metrics (Prometheus), POST /tokenize and /detokenize. Errors 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jpaged.engine.engine_client import EngineClient
+from jpaged.engine.engine_client import PAUSE_MODES, EngineClient
 from jpaged.engine.input_processor import ProcessedPrompt
 from jpaged.exceptions import EngineDeadError, EngineNotReadyError, InvalidRequestError, JpagedError
 from jpaged.version import __version__
@@ -33,6 +34,9 @@ logger = logging.getLogger("jpaged.entrypoints.openai")
 _ERRORS = {status: {"model": P.ErrorResponse, "description": desc} for status, desc in
            [(400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
             (413, "request body too large"), (500, "server error"), (503, "engine not running")]}
+# The research-pipeline endpoints: also 409 when the engine's state refuses the call
+# (sleep while asleep or with requests in flight), 202 while a pause is still waiting.
+_STATE_ERRORS = {**_ERRORS, 409: {"model": P.ErrorResponse, "description": "not in this engine state"}}
 
 # One server-sent event as OpenAPI (before 3.2) documents a text/event-stream: each
 # `data` is a JSON chunk, the last one `[DONE]`.
@@ -61,9 +65,9 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequestError:
 
 
 # The ServerConfig fields the app itself uses (the rest are uvicorn's or the launcher's).
-APP_FIELDS = ("api_key", "protect_metrics_and_docs", "max_n", "max_request_bytes",
-              "max_prompts_per_request", "max_sequences_per_request", "max_tokens_per_request",
-              "max_stop_sequences", "max_waiting_requests")
+APP_FIELDS = ("api_key", "protect_metrics_and_docs", "enable_control_endpoints", "max_n",
+              "max_request_bytes", "max_prompts_per_request", "max_sequences_per_request",
+              "max_tokens_per_request", "max_stop_sequences", "max_waiting_requests")
 
 
 def create_app(engine: EngineClient, served_model_name: str | list[str] | None = None,
@@ -128,6 +132,9 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
         if not engine.ready.is_set():
             raise EngineNotReadyError("the engine is compiling its executables (warm-up)")
         return {"status": "ready"}
+
+    if config.enable_control_endpoints:
+        _add_control_endpoints(app, engine)
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -194,6 +201,50 @@ def create_app(engine: EngineClient, served_model_name: str | list[str] | None =
     app.add_middleware(Guard, api_key=config.api_key, max_bytes=config.max_request_bytes,
                        protect_all=config.protect_metrics_and_docs, on_error=state.metrics.error)
     return app
+
+
+def _add_control_endpoints(app: FastAPI, engine: EngineClient) -> None:
+    """Research pipelines (vLLM's RL endpoints): pause generation around a weight update,
+    and free the engine's memory while training. Blocking calls run in a worker thread."""
+    @app.post("/pause", responses={**_STATE_ERRORS, 202: {"description": "still pausing"}})
+    async def pause(mode: str = "wait", timeout: float | None = None) -> dict[str, str]:
+        """Pause generation: `wait` lets the requests in flight finish (up to `timeout`
+        seconds, then 202 "pausing"), `abort` ends them, `keep` freezes them until /resume.
+        Requests that come meanwhile wait."""
+        if mode not in PAUSE_MODES:
+            raise InvalidRequestError(f"mode must be one of {PAUSE_MODES}, got {shorten(mode)!r}", "mode")
+        try:
+            await asyncio.to_thread(engine.pause, mode, timeout)
+        except TimeoutError:
+            return JSONResponse({"status": "pausing"}, status_code=202)
+        return {"status": "paused"}
+
+    @app.post("/resume", responses=_STATE_ERRORS)
+    async def resume() -> dict[str, str]:
+        await asyncio.to_thread(engine.resume)
+        return {"status": "running"}
+
+    @app.get("/is_paused", responses=_STATE_ERRORS)
+    async def is_paused() -> dict[str, bool]:
+        return {"is_paused": await asyncio.to_thread(engine.is_paused)}
+
+    @app.post("/sleep", responses=_STATE_ERRORS)
+    async def sleep(level: int = 1) -> dict[str, str]:
+        """Free the KV pool (level 1: the weights go to host memory; level 2: they are
+        dropped, and must come back through update_weights in the engine's process)."""
+        if level not in (1, 2):
+            raise InvalidRequestError(f"level must be 1 or 2, got {level}", "level")
+        await asyncio.to_thread(engine.sleep, level)
+        return {"status": "sleeping"}
+
+    @app.post("/wake_up", responses=_STATE_ERRORS)
+    async def wake_up() -> dict[str, str]:
+        await asyncio.to_thread(engine.wake_up)
+        return {"status": "awake"}
+
+    @app.get("/is_sleeping", responses=_STATE_ERRORS)
+    async def is_sleeping() -> dict[str, bool]:
+        return {"is_sleeping": await asyncio.to_thread(engine.is_sleeping)}
 
 
 def _finish_schema(app: FastAPI, limits: dict[str, int]) -> None:

@@ -23,6 +23,11 @@ class ServerConfig:
     protect_metrics_and_docs: bool = config_field(
         False, "with an API key, require it on /metrics, /docs, /redoc and /openapi.json too "
                "(by default they stay open, as vLLM leaves /metrics; /health and /ready always do)")
+    enable_control_endpoints: bool = config_field(
+        False, "serve the research-pipeline endpoints /pause, /resume, /is_paused, /sleep, "
+               "/wake_up and /is_sleeping (any client reaching them can stop generation: turn "
+               "them on for a trusted network or with an API key, as vLLM keeps them for its "
+               "dev mode)")
     # ---- what one request may ask for, and how many may wait (fairness) ----
     max_n: int = config_field(16, "largest n / best_of a request may ask for")
     max_request_bytes: int = config_field(4 << 20, "largest request body; takes units (4MiB) "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from jpaged.exceptions import (AuthenticationError, EngineDeadError, EngineNotReadyError,
-                               EngineStepError, InvalidRequestError, ModelNotFoundError,
+                               EngineStateError, EngineStepError, InvalidRequestError, ModelNotFoundError,
                                RequestTooLargeError, ServerOverloadedError)
 
 # (exception type, HTTP status, OpenAI error type, default code); the first match wins.
@@ -19,6 +19,7 @@ ERROR_STATUS = [
     (EngineNotReadyError, 503, "server_error", "engine_warming_up"),
     (ServerOverloadedError, 503, "server_error", "server_overloaded"),
     (EngineStepError, 500, "server_error", None),
+    (EngineStateError, 409, "invalid_request_error", "engine_state"),
 ]
 
 

@@ -1,6 +1,6 @@
 """Between the server's schemas and the engine: sampling parameters from a request (with
 the engine's defaults for the fields it leaves out), and RequestOutputs formatted as
-OpenAI responses or stream chunks (with logprobs)."""
+OpenAI responses or stream chunks (with logprobs; with echo, the prompt's too)."""
 from __future__ import annotations
 
 import time
@@ -11,15 +11,31 @@ from jpaged.exceptions import InvalidRequestError
 from .errors import shorten
 from .protocol import (ChatChoice, ChatCompletionResponse, ChatLogprobs, ChatMessage,
                        ChatResponseMessage, CompletionChoice, CompletionLogprobs,
-                       CompletionResponse, TokenLogprob, TopLogprob, UsageInfo, _Sampling)
+                       CompletionResponse, PromptLogprob, TokenLogprob, TopLogprob, UsageInfo,
+                       _Sampling)
 
 
 FLOAT_CAP = 1e6  # temperature and repetition_penalty are clamped to [1/FLOAT_CAP, FLOAT_CAP]
 # (beyond, float32 overflows; the distribution is already uniform / the penalty absolute)
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf (a filtered token's processed logprob): OpenAI's value
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def prompt_logprobs_json(entries):
+    """vLLM's `prompt_logprobs` of a response (None stays None; -inf becomes LOGPROB_FLOOR)."""
+    if entries is None:
+        return None
+    return [None if e is None else {t: PromptLogprob(logprob=_finite(lp.logprob), rank=lp.rank,
+                                                     decoded_token=lp.decoded_token)
+                                    for t, lp in e.items()} for e in entries]
 
 
 def sampling_kwargs(req: _Sampling, max_tokens: int | None, logprobs: int | None,
-                    vocab_size: int, defaults: dict[str, Any]) -> dict[str, Any]:
+                    vocab_size: int, defaults: dict[str, Any],
+                    prompt_logprobs: int | None = None) -> dict[str, Any]:
     """The `SamplingParams` keyword arguments of a request. Sampling fields the request
     leaves out (None) take `defaults` (the engine's: the model's generation config), then
     SamplingParams' own."""
@@ -36,20 +52,23 @@ def sampling_kwargs(req: _Sampling, max_tokens: int | None, logprobs: int | None
                 max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
                 stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens)
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens)
 
 
-def completion_logprobs(token_ids, entries, decode, top: int, offset: int = 0) -> CompletionLogprobs:
-    """Legacy completions format: the sampled tokens, their log-probabilities, the `top`
-    most likely tokens at each position (with the sampled one) and each token's offset."""
-    out = CompletionLogprobs()
+def completion_logprobs(token_ids, entries, decode, top: int, offset: int = 0,
+                        out: CompletionLogprobs | None = None) -> CompletionLogprobs:
+    """Legacy completions format: the tokens, their log-probabilities, the `top` most likely
+    tokens at each position (with the token itself) and each token's offset; appended to
+    `out` if given. An entry of None (the first prompt token's) gives null."""
+    out = out if out is not None else CompletionLogprobs()
     for tid, entry in zip(token_ids, entries or []):
         token = decode(tid)
         out.tokens.append(token)
-        lp = entry.get(tid)
-        out.token_logprobs.append(lp.logprob if lp is not None else None)
-        out.top_logprobs.append({decode(t): v.logprob for t, v in entry.items()
-                                 if t == tid or (v.rank is not None and v.rank <= top)})
+        lp = entry.get(tid) if entry is not None else None
+        out.token_logprobs.append(_finite(lp.logprob) if lp is not None else None)
+        out.top_logprobs.append(None if entry is None else {
+            decode(t): _finite(v.logprob) for t, v in entry.items()
+            if t == tid or (v.rank is not None and v.rank <= top)})
         out.text_offset.append(offset)
         offset += len(token)
     return out
@@ -64,10 +83,10 @@ def chat_logprobs(token_ids, entries, decode, top: int) -> ChatLogprobs:
         lp = entry.get(tid)
         ranked = sorted(((v.rank, t, v.logprob) for t, v in entry.items()
                          if v.rank is not None and v.rank <= top))
-        tops = [TopLogprob(token=decode(t), logprob=v, bytes=list(decode(t).encode()))
+        tops = [TopLogprob(token=decode(t), logprob=_finite(v), bytes=list(decode(t).encode()))
                 for _, t, v in ranked]
-        content.append(TokenLogprob(token=token, logprob=lp.logprob if lp is not None else -9999.0,
-                                    bytes=list(token.encode()), top_logprobs=tops))
+        content.append(TokenLogprob(token=token, logprob=_finite(lp.logprob) if lp is not None
+                                    else LOGPROB_FLOOR, bytes=list(token.encode()), top_logprobs=tops))
     return ChatLogprobs(content=content)
 
 
@@ -133,7 +152,7 @@ class _Formatter:
             state[:] = [end, len(comp.token_ids), finished]
             if text or finished or (entries and tokens) or (ntok == 0 and self._first_extra(i)):
                 result.append(self._chunk(i * self.req.n + comp.index, i, text, tokens, entries,
-                                          comp, first=ntok == 0))
+                                          comp, ntok == 0, out))
         return result
 
     def _first_extra(self, i) -> bool:
@@ -154,15 +173,22 @@ class CompletionFormatter(_Formatter):
     def _first_extra(self, i) -> bool:
         return bool(self._echo(i))
 
-    def _logprobs(self, tokens, entries, offset):
+    def _logprobs(self, i, out, tokens, entries, offset, first):
+        """The logprobs of `tokens` at text `offset`; with echo, in the choice's first part, the
+        prompt's tokens first (from offset 0; the first one null), from its prompt logprobs."""
         if self.req.logprobs is None:
             return None
-        return completion_logprobs(tokens, entries, self.decode, self.req.logprobs, offset)
+        lp = None
+        if first and self.req.echo and out.prompt_logprobs is not None:
+            lp = completion_logprobs(self.prompts[i][1], out.prompt_logprobs, self.decode,
+                                     self.req.logprobs)
+        return completion_logprobs(tokens, entries, self.decode, self.req.logprobs, offset, lp)
 
-    def _chunk(self, index, i, text, tokens, entries, comp, first):
-        prefix = self._echo(i) if first else ""
-        lp = self._logprobs(tokens, entries, self.sent[(i, comp.index)][0] - len(text))
-        choice = {"index": index, "text": prefix + text,
+    def _chunk(self, index, i, text, tokens, entries, comp, first, out):
+        echo = self._echo(i)
+        offset = len(echo) + self.sent[(i, comp.index)][0] - len(text)
+        lp = self._logprobs(i, out, tokens, entries, offset, first)
+        choice = {"index": index, "text": (echo if first else "") + text,
                   "logprobs": lp.model_dump() if lp is not None else None,
                   "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason}
         return self._base([choice])
@@ -175,8 +201,9 @@ class CompletionFormatter(_Formatter):
                 echo = self._echo(i)
                 choices.append(CompletionChoice(
                     index=i * self.req.n + comp.index, text=echo + comp.text,
-                    logprobs=self._logprobs(comp.token_ids, comp.logprobs, len(echo)),
-                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason))
+                    logprobs=self._logprobs(i, out, comp.token_ids, comp.logprobs, len(echo), True),
+                    finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+                    prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model,
                                   choices=choices, usage=self._usage(counts))
 
@@ -194,7 +221,7 @@ class ChatFormatter(_Formatter):
         return [self._base([{"index": j, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}]) for j in range(self.req.n)]
 
-    def _chunk(self, index, i, text, tokens, entries, comp, first):
+    def _chunk(self, index, i, text, tokens, entries, comp, first, out):
         lp = self._logprobs(tokens, entries)
         choice = {"index": index, "delta": {"content": text} if text else {},
                   "logprobs": lp.model_dump() if lp is not None else None,
@@ -209,4 +236,5 @@ class ChatFormatter(_Formatter):
                    for c in out.outputs]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
                                       choices=choices,
-                                      usage=self._usage(len(c.token_ids) for c in out.outputs))
+                                      usage=self._usage(len(c.token_ids) for c in out.outputs),
+                                      prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs))

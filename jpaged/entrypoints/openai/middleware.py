@@ -2,7 +2,8 @@
 body size limit (by Content-Length, and by reading a body without one, up to the limit,
 before the app sees it).
 
-With an API key, /v1, /tokenize and /detokenize need it; /metrics and the OpenAPI
+With an API key, /v1, /tokenize, /detokenize and the RL endpoints (/pause, /resume,
+/sleep, /wake_up, /is_paused, /is_sleeping) need it; /metrics and the OpenAPI
 documents (/docs, /redoc, /openapi.json) stay open unless `protect_all`, as vLLM leaves
 /metrics open for scrapers; the probes /health and /ready are always open."""
 from __future__ import annotations
@@ -14,7 +15,8 @@ from jpaged.exceptions import AuthenticationError, RequestTooLargeError
 
 from .errors import classify, error_response
 
-PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/pause", "/resume", "/is_paused", "/sleep",
+             "/wake_up", "/is_sleeping")
 ALWAYS_OPEN = ("/health", "/ready")  # liveness and readiness probes carry no key
 
 

@@ -1,7 +1,7 @@
 """Request and response schemas of the OpenAI-compatible server (pydantic).
 
 Shaped like OpenAI's API, with vLLM's extra sampling fields (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `min_tokens`, ...). Unknown fields are
+`repetition_penalty`, `ignore_eos`, `min_tokens`, `prompt_logprobs`, ...). Unknown fields are
 ignored, as the OpenAI client may send newer ones. Requests are strict, as
 OpenAI's API is: a field of the wrong JSON type is a 400 naming it (`"2"` is
 not an integer, `2.0` not an integer, `"yes"` not a boolean), an integer is
@@ -101,6 +101,9 @@ class _Sampling(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(
+        None, ge=0, description="each prompt token's log-probability and this many top tokens at "
+                                "its position (not with stream)", json_schema_extra=_limit("logprobs"))
 
 
 # ---- completions -----------------------------------------------------------------------------
@@ -117,6 +120,17 @@ class CompletionRequest(_Sampling):
     suffix: Text | None = Field(None, description="not supported: must be empty")
 
 
+class PromptLogprob(_Model):
+    """vLLM's `Logprob`: one token's entry at one prompt position."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: None for the first prompt token, then {token id: PromptLogprob}
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionLogprobs(_Model):
     text_offset: list[int] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -130,6 +144,7 @@ class CompletionChoice(_Model):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, per choice (its prompt's)
 
 
 class CompletionResponse(_Model):
@@ -203,6 +218,7 @@ class ChatCompletionResponse(_Model):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's
 
 
 # ---- models, tokenize ------------------------------------------------------------------------

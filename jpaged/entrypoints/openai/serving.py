@@ -45,8 +45,8 @@ TOKENIZER_WORKERS = 2  # threads that tokenize (the GIL is released inside a fas
 UNSUPPORTED = [
     ("logit_bias", lambda r: r.logit_bias, "logit_bias is not supported"),
     ("suffix", lambda r: r.suffix, "suffix is not supported"),
-    ("echo", lambda r: r.echo and r.logprobs is not None,
-     "echo with logprobs is not supported (no prompt logprobs)"),
+    ("prompt_logprobs", lambda r: r.stream and r.prompt_logprobs is not None,
+     "prompt_logprobs is not available with stream=true"),
     ("tools", lambda r: r.tools, "tools are not supported"),
     ("response_format", lambda r: r.response_format and r.response_format.get("type", "text") != "text",
      "only response_format {'type': 'text'} is supported"),
@@ -181,18 +181,24 @@ class OpenAIServing:
     def params(self, req, num_prompt: int, max_tokens: int | None,
                logprobs: int | None, prompt_param: str = "prompt") -> SamplingParams:
         """The request's SamplingParams, checked; `prompt_param`: the field that holds the
-        prompt (`messages` in a chat), named by a too-long prompt's error."""
+        prompt (`messages` in a chat), named by a too-long prompt's error. A completion with
+        `echo` and `logprobs` asks for as many prompt logprobs (as vLLM), unless it sets
+        `prompt_logprobs` itself."""
         if max(req.n, req.best_of or 0) > self.config.max_n:
             raise InvalidRequestError(f"n and best_of must be <= {self.config.max_n} on this server", "n")
         if req.stream and (req.best_of or req.n) > req.n:
             raise InvalidRequestError("best_of > n is not supported with stream=true", "best_of")
-        if logprobs is not None and logprobs > self.max_logprobs:
-            raise InvalidRequestError(f"at most {self.max_logprobs} log-probabilities per token can "
-                                      f"be returned, got {logprobs}", "logprobs")
+        prompt_logprobs = req.prompt_logprobs
+        if prompt_logprobs is None and getattr(req, "echo", False):
+            prompt_logprobs = logprobs
+        for field, value in (("logprobs", logprobs), ("prompt_logprobs", req.prompt_logprobs)):
+            if value is not None and value > self.max_logprobs:
+                raise InvalidRequestError(f"at most {self.max_logprobs} log-probabilities per token "
+                                          f"can be returned, got {field}={value}", field)
         self.inputs.check_prompt_length(num_prompt, prompt_param)
         self.inputs.check_max_tokens(num_prompt, max_tokens)
         kw = F.sampling_kwargs(req, max_tokens or self.max_model_len - num_prompt, logprobs,
-                               self.vocab_size, self.sampling_defaults)
+                               self.vocab_size, self.sampling_defaults, prompt_logprobs)
         return SamplingParams(**kw)
 
     def prompts(self, prompt) -> list[ProcessedPrompt]:
