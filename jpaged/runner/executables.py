@@ -42,11 +42,20 @@ KEEP_FINGERPRINTS = 4  # folders of older fingerprints (other sources, models) a
 _lock = threading.Lock()
 _num_built = 0
 _compiling = threading.local()  # per thread: did the compile running here hit XLA's cache?
+# Has XLA's persistent cache been consulted in this process (an in-memory model's engine, a
+# sharded one, or the user's JAX_COMPILATION_CACHE_DIR)? Then jax's in-process cache may
+# hand a later compile of the same computation the executable it read from there, with no
+# cache-hit event: from then on nothing is saved (the tables still load what is on disk).
+_xla_cache_consulted = False
 
 
 def _on_event(event: str, **kwargs) -> None:
+    global _xla_cache_consulted
     if event == "/jax/compilation_cache/cache_hits":
         _compiling.cache_hit = True
+    elif event == "/jax/compilation_cache/compile_requests_use_cache" and \
+            jax.config.jax_compilation_cache_dir is not None:  # (the event comes without one too)
+        _xla_cache_consulted = True
 
 
 jax.monitoring.register_event_listener(_on_event)
@@ -149,7 +158,7 @@ class ExecutableTable:
         # An executable XLA's persistent cache handed back serializes without its kernels
         # (jax 0.10: "Function ... not found" when the copy runs), so only fresh ones are
         # saved; the engine keeps XLA's cache off for tables that have a directory.
-        if not _compiling.cache_hit:
+        if not _compiling.cache_hit and not _xla_cache_consulted:
             self._save(key, exe)
         return exe
 

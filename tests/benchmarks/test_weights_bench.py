@@ -8,7 +8,9 @@ from jpaged.benchmarks import weights
 
 
 def test_bench_weights_quick(tiny_text_model):
-    r = weights.weights_benchmark(tiny_text_model, repeats=1, quiet=True, **TINY_SERVER_ARGS)
+    # no compilation cache: an in-memory engine (the rebuild) would turn XLA's on process-wide
+    r = weights.weights_benchmark(tiny_text_model, repeats=1, quiet=True, compilation_cache_dir="",
+                                  **TINY_SERVER_ARGS)
     assert r["in_place"]["compilations"] == 0
     assert r["sleep"]["level1_freed_bytes"] >= r["pool_bytes"] + r["weight_bytes"]
     assert r["sleep"]["level2_freed_bytes"] >= r["pool_bytes"] + r["weight_bytes"]

@@ -204,10 +204,36 @@ def test_stack_and_unstack_layers_round_trip():
 
 
 
+def test_a_table_saves_nothing_once_xla_cache_was_consulted(tmp_path, monkeypatch):
+    """Once XLA's persistent cache has served this process, jax may hand a compile the
+    executable it read from there (no cache-hit event), which would load back broken."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpaged.runner import executables
+
+    def lower():
+        return jax.jit(lambda x: x * 3 + 1).lower(jnp.zeros(7, jnp.float32)), None
+
+    fresh = executables.ExecutableTable(tmp_path / "a", "f" * 64)
+    assert float(fresh.get("k", lower)(jnp.ones(7))[0]) == 4.0
+    assert len(list(fresh.directory.glob("*.exe"))) == 1
+    monkeypatch.setattr(executables, "_xla_cache_consulted", True)
+    after = executables.ExecutableTable(tmp_path / "b", "f" * 64)
+    assert float(after.get("k", lower)(jnp.ones(7))[0]) == 4.0
+    assert not after.directory.exists()
+    # what is on disk still loads
+    assert executables.ExecutableTable(tmp_path / "a", "f" * 64)._find("k") is not None
+
+
 def test_executables_saved_then_loaded_on_restart(tmp_path):
     """Warm-up saves every executable under the compilation cache dir; a second engine over
     the same model loads them all (compiling none) and generates the same tokens; another
     pool size (an argument shape the keys do not name) gets a folder of its own."""
+    from jpaged.runner import executables
+    assert not executables._xla_cache_consulted, \
+        "an earlier test turned XLA's persistent cache on (an in-memory or sharded engine " \
+        "without compilation_cache_dir=''): no table saves in this process"
     cache = tmp_path / "cache"
     model = tmp_path / "model"
     model.mkdir()
